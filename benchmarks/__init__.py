@@ -1,0 +1,1 @@
+"""Benchmarks run by `make bench`: speed and memory goals, measured as medians and ratios."""

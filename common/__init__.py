@@ -1,0 +1,1 @@
+"""Code that service/, training/ and monitoring/ share: schema, settings, request store, registry."""

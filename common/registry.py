@@ -1,0 +1,130 @@
+"""MLflow helpers every stage needs: tracking setup, experiments, and the registry's stage/alias pairs.
+
+Registry stages are deprecated in MLflow 3 in favour of aliases; this project keeps both in step:
+Production <-> `champion`, Staging <-> `challenger`, and the version Production replaced gets
+`previous` (stage Archived). Every stage change goes through `move_to_stage`.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import mlflow
+from mlflow.entities.model_registry import ModelVersion
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+
+from common import settings
+
+STAGE_ALIASES = {"Production": "champion", "Staging": "challenger"}
+PREVIOUS_ALIAS = "previous"
+
+TRAINING_EXPERIMENT = "fraud-training"
+DRIFT_EXPERIMENT = "drift-monitoring"
+PROMOTION_EXPERIMENT = "promotions"
+
+
+@contextmanager
+def stages_api() -> Iterator[None]:
+    """Call the deprecated stage API without its FutureWarning: we keep stages on purpose, in
+    step with aliases, because CI and users still promote by stage."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=FutureWarning, module=r"mlflow\..*")
+        warnings.filterwarnings("ignore", message=r".*[Ss]tage.*deprecated.*")
+        yield
+
+
+def configure_tracking(uri: str | None = None) -> str:
+    """Point MLflow's tracking and registry at `uri` (default: MLFLOW_TRACKING_URI). Returns it."""
+    uri = uri or settings.tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    return uri
+
+
+def client(uri: str | None = None) -> MlflowClient:
+    """A client for `uri` (default: MLFLOW_TRACKING_URI), for both tracking and registry."""
+    uri = uri or settings.tracking_uri()
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def is_local_store(uri: str) -> bool:
+    """True for the embedded stores (SQLite file, or a database without a tracking server)."""
+    return not uri.startswith(("http://", "https://", "databricks"))
+
+
+def ensure_experiment(name: str, uri: str | None = None) -> str:
+    """Return the id of experiment `name`, creating it when missing.
+
+    In the embedded store its artifacts go under MLFLOW_ARTIFACT_ROOT (default `mlruns/`); a
+    tracking server chooses its own (proxied) artifact location.
+    """
+    uri = uri or settings.tracking_uri()
+    mlflow_client = client(uri)
+    experiment = mlflow_client.get_experiment_by_name(name)
+    if experiment is not None:
+        return experiment.experiment_id
+    location = None
+    if is_local_store(uri):
+        root = settings.artifact_root()
+        location = root if "://" in root else f"file://{root}"
+        location = f"{location.rstrip('/')}/{name}"
+    try:
+        return mlflow_client.create_experiment(name, artifact_location=location)
+    except MlflowException:
+        # Another process created it between our look-up and create.
+        experiment = mlflow_client.get_experiment_by_name(name)
+        if experiment is None:
+            raise
+        return experiment.experiment_id
+
+
+def version_in_stage(mlflow_client: MlflowClient, name: str, stage: str) -> ModelVersion | None:
+    """The newest version of `name` in `stage`, or None (also when the model is not registered)."""
+    try:
+        with stages_api():
+            versions = mlflow_client.get_latest_versions(name, stages=[stage])
+    except MlflowException as exc:
+        if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
+            return None
+        raise
+    return max(versions, key=lambda v: int(v.version)) if versions else None
+
+
+def production_version(mlflow_client: MlflowClient, name: str) -> ModelVersion | None:
+    """The version the registry serves: stage Production (alias `champion` is kept in step)."""
+    return version_in_stage(mlflow_client, name, "Production")
+
+
+def move_to_stage(mlflow_client: MlflowClient, name: str, version: str | int, stage: str) -> None:
+    """Move a version to `stage` and keep the aliases in step.
+
+    Production archives the version it replaces, which gets alias `previous`. Staging sets
+    `challenger`. Archived and None remove the version's stage alias.
+    """
+    version = str(version)
+    current_production = production_version(mlflow_client, name) if stage == "Production" else None
+    with stages_api():
+        mlflow_client.transition_model_version_stage(name, version, stage,
+                                                     archive_existing_versions=(stage == "Production"))
+    alias = STAGE_ALIASES.get(stage)
+    if alias:
+        mlflow_client.set_registered_model_alias(name, alias, version)
+    else:
+        for stage_alias in STAGE_ALIASES.values():
+            _drop_alias_if_on(mlflow_client, name, stage_alias, version)
+    if stage == "Production":
+        _drop_alias_if_on(mlflow_client, name, STAGE_ALIASES["Staging"], version)
+        if current_production is not None and current_production.version != version:
+            mlflow_client.set_registered_model_alias(name, PREVIOUS_ALIAS, current_production.version)
+
+
+def _drop_alias_if_on(mlflow_client: MlflowClient, name: str, alias: str, version: str) -> None:
+    try:
+        holder = mlflow_client.get_model_version_by_alias(name, alias)
+    except MlflowException:
+        return
+    if holder.version == version:
+        mlflow_client.delete_registered_model_alias(name, alias)

@@ -1,0 +1,183 @@
+"""Settings: one small typed reader per environment variable, read at call time.
+
+Nothing here runs at import. Every reader raises SettingsError naming the variable and the bad
+value, so a misconfigured deployment fails with a message an operator can act on. The README's
+table of variables mirrors this module.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from common.paths import DATA_DIR, REPO_ROOT
+
+
+class SettingsError(ValueError):
+    """An environment variable holds a value its reader cannot accept."""
+
+
+def _raw(name: str) -> str | None:
+    value = os.environ.get(name)
+    if value is None or value.strip() == "":
+        return None
+    return value.strip()
+
+
+def read_str(name: str, default: str | None = None) -> str | None:
+    """Return the variable's stripped value, or `default` when unset or blank."""
+    value = _raw(name)
+    return default if value is None else value
+
+
+def read_int(name: str, default: int, *, minimum: int | None = None, maximum: int | None = None) -> int:
+    """Return the variable as an int within [minimum, maximum].
+
+    Raises:
+        SettingsError: the value is not an integer or is out of range.
+    """
+    value = _raw(name)
+    if value is None:
+        return default
+    try:
+        number = int(value)
+    except ValueError:
+        raise SettingsError(f"{name}={value!r} is not an integer") from None
+    _check_range(name, number, minimum, maximum)
+    return number
+
+
+def read_float(
+    name: str, default: float | None, *, minimum: float | None = None, maximum: float | None = None
+) -> float | None:
+    """Return the variable as a finite float within [minimum, maximum], or `default` when unset.
+
+    Raises:
+        SettingsError: the value is not a finite number or is out of range.
+    """
+    value = _raw(name)
+    if value is None:
+        return default
+    try:
+        number = float(value)
+    except ValueError:
+        raise SettingsError(f"{name}={value!r} is not a number") from None
+    if number != number or number in (float("inf"), float("-inf")):
+        raise SettingsError(f"{name}={value!r} is not a finite number")
+    _check_range(name, number, minimum, maximum)
+    return number
+
+
+def read_bool(name: str, default: bool) -> bool:
+    """Return the variable as a bool (1/0, true/false, yes/no, on/off).
+
+    Raises:
+        SettingsError: the value is none of those words.
+    """
+    value = _raw(name)
+    if value is None:
+        return default
+    lowered = value.lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise SettingsError(f"{name}={value!r} is not a boolean (expected true/false, 1/0, yes/no, on/off)")
+
+
+def _check_range(name: str, number: float, minimum: float | None, maximum: float | None) -> None:
+    if minimum is not None and number < minimum:
+        raise SettingsError(f"{name}={number!r} is below the minimum {minimum}")
+    if maximum is not None and number > maximum:
+        raise SettingsError(f"{name}={number!r} is above the maximum {maximum}")
+
+
+def _path_or_url(value: str) -> str:
+    """Resolve a relative file path against the repository; leave URLs alone."""
+    if "://" in value:
+        return value
+    path = Path(value)
+    return str(path if path.is_absolute() else REPO_ROOT / path)
+
+
+# --- the variables -------------------------------------------------------------------------------
+
+
+def tracking_uri() -> str:
+    """MLFLOW_TRACKING_URI; default: the SQLite store `mlflow.db` at the repository root.
+
+    That is MLflow's own default when its CLI runs from the repository root, so `mlflow run .`,
+    `mlflow ui` and the service agree without any variable set. Artifacts go under `mlruns/`.
+    """
+    return read_str("MLFLOW_TRACKING_URI") or f"sqlite:///{REPO_ROOT / 'mlflow.db'}"
+
+
+def artifact_root() -> str:
+    """MLFLOW_ARTIFACT_ROOT; where new experiments keep artifacts in the embedded store."""
+    return _path_or_url(read_str("MLFLOW_ARTIFACT_ROOT") or "mlruns")
+
+
+def model_name() -> str:
+    """MODEL_NAME; the registered model the service serves and training registers."""
+    return read_str("MODEL_NAME", "fraud-detector")
+
+
+def model_uri() -> str | None:
+    """MODEL_URI; overrides the registry's Production version (e.g. models:/fraud-detector@champion)."""
+    return read_str("MODEL_URI")
+
+
+def request_log_url() -> str:
+    """LATEST_DB; the request log: a SQLite file path (default data/requests.db) or a SQLAlchemy URL."""
+    return _path_or_url(read_str("LATEST_DB") or "data/requests.db")
+
+
+def reference_db_url() -> str:
+    """REFERENCE_DB; the labelled reference data: a SQLite path (default data/reference_data.db) or URL."""
+    return _path_or_url(read_str("REFERENCE_DB") or "data/reference_data.db")
+
+
+def feature_config_path() -> Path:
+    """FEATURE_CONFIG; the stored Amount scaler (default data/feature_config.json)."""
+    return Path(_path_or_url(read_str("FEATURE_CONFIG") or str(DATA_DIR / "feature_config.json")))
+
+
+def drift_config_path() -> Path:
+    """DRIFT_CONFIG; drift features and thresholds (default data/drift_config.json)."""
+    return Path(_path_or_url(read_str("DRIFT_CONFIG") or str(DATA_DIR / "drift_config.json")))
+
+
+def fraud_threshold() -> float | None:
+    """FRAUD_THRESHOLD; overrides the model's stored decision threshold when set (0..1)."""
+    return read_float("FRAUD_THRESHOLD", None, minimum=0.0, maximum=1.0)
+
+
+def api_tokens() -> tuple[str, ...]:
+    """API_TOKEN (comma-separated) and API_TOKEN_FILE (one token per line); all are valid at once.
+
+    Raises:
+        SettingsError: API_TOKEN_FILE cannot be read.
+    """
+    tokens = [t.strip() for t in (read_str("API_TOKEN") or "").split(",")]
+    token_file = read_str("API_TOKEN_FILE")
+    if token_file:
+        try:
+            tokens += [line.strip() for line in Path(token_file).read_text().splitlines()]
+        except OSError as exc:
+            raise SettingsError(f"API_TOKEN_FILE={token_file!r} cannot be read: {exc.strerror}") from None
+    return tuple(dict.fromkeys(t for t in tokens if t))
+
+
+def model_poll_seconds() -> float:
+    """MODEL_POLL_SECONDS; how often each worker asks the registry for a new Production version."""
+    return read_float("MODEL_POLL_SECONDS", 10.0, minimum=0.1, maximum=86400.0)
+
+
+def max_rows() -> int:
+    """MAX_ROWS; the most rows one request may score."""
+    return read_int("MAX_ROWS", 5000, minimum=1, maximum=1_000_000)
+
+
+def max_body_bytes() -> int:
+    """MAX_BODY_BYTES; the largest request body accepted (413 above it)."""
+    return read_int("MAX_BODY_BYTES", 4 * 1024 * 1024, minimum=1024, maximum=1024**3)

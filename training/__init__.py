@@ -1,0 +1,1 @@
+"""Training: data generation and import, training, evaluation, registration (MLflow project steps)."""
