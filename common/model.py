@@ -1,0 +1,463 @@
+"""The fraud model contract: how a trained forest is logged, registered and loaded for scoring.
+
+Training writes, and the service and the promotion gate read, exactly this layout.
+
+Logged artifacts of one training run, and the registered version:
+
+- The scikit-learn `RandomForestClassifier` (classes 0 = legitimate, 1 = fraud), fitted on a
+  DataFrame with the 29 columns of `common.schema.FEATURES`, logged with
+  `mlflow.sklearn.log_model(name="model")` in the skops format with
+  `skops_trusted_types=SKOPS_TRUSTED_TYPES`, a signature of 29 named float (double) inputs, an
+  input example, and the metadata `{"threshold", "threshold_method", "onnx_artifact", "features"}`.
+- Its ONNX export (skl2onnx, no ZipMap, one float32 input named `features` of shape (n, 29),
+  output `probabilities` of shape (n, 2)), logged as the *run* artifact `onnx/model.onnx`
+  (`ONNX_ARTIFACT`). Training checks max |p_onnx - p_sklearn| <= PARITY_TOLERANCE on its
+  evaluation set before logging anything, and refuses otherwise.
+- The registered version (model name from MODEL_NAME) carries the tags `threshold` (the decision
+  threshold, the same value as the metadata), `threshold_method` and the evaluation metrics.
+
+Decision rule: a row is fraud when its probability is >= the threshold (`is_fraud`). The service
+uses the model's threshold unless FRAUD_THRESHOLD overrides it.
+
+Loading (`load_bundle`, `load_bundle_from_uri`) returns a `ModelBundle` whose `predict_proba`
+maps an (n, 29) array in FEATURES order to n fraud probabilities. With `flavor="auto"` it uses
+ONNX Runtime when the ONNX artifact exists and agrees with the forest on a fixed probe set
+(about 20 µs per row), otherwise scikit-learn, and says why in `onnx_problem`. A version that is
+missing its model, has the wrong input schema or no valid threshold raises `ModelLoadError`;
+so does an absent or disagreeing ONNX artifact when `flavor="onnx"` is demanded.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import tempfile
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from importlib import metadata as importlib_metadata
+from pathlib import Path
+
+import numpy as np
+
+from common.registry import stages_api, version_in_stage
+from common.schema import FEATURES, N_FEATURES
+
+MODEL_ARTIFACT = "model"
+ONNX_ARTIFACT = "onnx/model.onnx"
+ONNX_INPUT = "features"
+ONNX_OUTPUT = "probabilities"
+SKOPS_TRUSTED_TYPES = ["sklearn.tree._tree.Tree"]
+PARITY_TOLERANCE = 1e-5
+THRESHOLD_TAG = "threshold"
+THRESHOLD_METHOD_TAG = "threshold_method"
+FLAVORS = ("auto", "onnx", "sklearn")
+
+# Runtime requirements of the logged model, pinned to what trained it. Given explicitly so that
+# logging does not load the model in a subprocess to infer them.
+_REQUIREMENT_PACKAGES = ("scikit-learn", "skops", "numpy", "scipy", "pandas")
+
+
+class ModelLoadError(RuntimeError):
+    """A registered version cannot be served: missing or corrupt artifacts, wrong schema, no threshold."""
+
+
+class OnnxParityError(RuntimeError):
+    """The ONNX export does not reproduce the forest's probabilities within PARITY_TOLERANCE."""
+
+
+def is_fraud(probabilities: np.ndarray, threshold: float) -> np.ndarray:
+    """The decision rule shared by training metrics and the service: p >= threshold is fraud."""
+    return np.asarray(probabilities) >= threshold
+
+
+# --- export and logging ----------------------------------------------------------------------------
+
+
+def export_onnx(model) -> bytes:
+    """Convert a fitted forest to ONNX: float32 input `features` (n, 29), output `probabilities` (n, 2).
+
+    Raises:
+        ValueError: the model does not take N_FEATURES inputs.
+    """
+    from skl2onnx import convert_sklearn
+    from skl2onnx.common.data_types import FloatTensorType
+
+    if getattr(model, "n_features_in_", None) != N_FEATURES:
+        raise ValueError(f"the model takes {getattr(model, 'n_features_in_', '?')} features, expected {N_FEATURES}")
+    onx = convert_sklearn(
+        model,
+        initial_types=[(ONNX_INPUT, FloatTensorType([None, N_FEATURES]))],
+        options={id(model): {"zipmap": False}},
+    )
+    names = [o.name for o in onx.graph.output]
+    if ONNX_OUTPUT not in names:
+        raise ValueError(f"unexpected ONNX outputs {names}; expected {ONNX_OUTPUT!r}")
+    return onx.SerializeToString()
+
+
+def onnx_session(onnx_bytes: bytes):
+    """An ONNX Runtime session tuned for single-row latency (one intra-op thread, no spinning)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    options.inter_op_num_threads = 1
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    options.log_severity_level = 3
+    return ort.InferenceSession(onnx_bytes, sess_options=options, providers=["CPUExecutionProvider"])
+
+
+def sklearn_proba(model, X: np.ndarray) -> np.ndarray:
+    """Fraud probabilities from the forest itself (named columns, as it was fitted)."""
+    import pandas as pd
+
+    frame = pd.DataFrame(np.asarray(X, dtype=np.float64), columns=list(FEATURES))
+    return model.predict_proba(frame)[:, 1]
+
+
+def onnx_max_abs_diff(model, session, X: np.ndarray, reference: np.ndarray | None = None) -> float:
+    """max |p_onnx - p_sklearn| over the rows of X (reference: precomputed sklearn probabilities)."""
+    expected = sklearn_proba(model, X) if reference is None else np.asarray(reference, dtype=np.float64)
+    got = _OnnxScorer(session)(np.asarray(X))
+    return float(np.max(np.abs(got - expected))) if len(expected) else 0.0
+
+
+def model_signature():
+    """29 named double inputs (FEATURES, in order); one double output (the predicted class)."""
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, Schema, TensorSpec
+
+    return ModelSignature(inputs=Schema([ColSpec("double", name) for name in FEATURES]),
+                          outputs=Schema([TensorSpec(np.dtype(np.int64), (-1,))]))
+
+
+def pip_requirements() -> list[str]:
+    reqs = []
+    for package in _REQUIREMENT_PACKAGES:
+        try:
+            reqs.append(f"{package}=={importlib_metadata.version(package)}")
+        except importlib_metadata.PackageNotFoundError:  # pragma: no cover - all are pinned runtime deps
+            reqs.append(package)
+    return reqs
+
+
+@dataclass(frozen=True)
+class LoggedFraudModel:
+    model_uri: str
+    model_id: str | None
+    onnx_max_abs_diff: float
+    onnx_size_bytes: int
+    model_size_bytes: int | None
+
+
+def log_fraud_model(model, X_eval: np.ndarray, threshold: float, threshold_method: str, *,
+                    reference_proba: np.ndarray | None = None, onnx_bytes: bytes | None = None,
+                    extra_metadata: dict | None = None) -> LoggedFraudModel:
+    """Log the forest and its ONNX export to the active MLflow run, in the layout above.
+
+    Does not register: training registers only after everything else was logged.
+
+    Args:
+        model: a fitted binary RandomForestClassifier over FEATURES.
+        X_eval: (n, 29) evaluation rows; the parity check runs on them and the first five are
+            the input example.
+        threshold: the decision threshold, in [0, 1].
+        threshold_method: how it was chosen (stored beside it).
+        reference_proba: the forest's fraud probabilities for X_eval, when already computed.
+        onnx_bytes: an existing export of `model`; exported here when None.
+        extra_metadata: more keys for the model's metadata.
+
+    Raises:
+        OnnxParityError: the ONNX export disagrees with the forest; nothing was logged.
+        ValueError: the threshold is not within [0, 1].
+    """
+    import mlflow
+    import pandas as pd
+
+    if not 0.0 <= threshold <= 1.0:
+        raise ValueError(f"threshold must be within [0, 1], got {threshold}")
+    X_eval = np.asarray(X_eval, dtype=np.float64)
+    onnx_bytes = onnx_bytes if onnx_bytes is not None else export_onnx(model)
+    parity = onnx_max_abs_diff(model, onnx_session(onnx_bytes), X_eval, reference_proba)
+    if not parity <= PARITY_TOLERANCE:
+        raise OnnxParityError(f"ONNX export disagrees with scikit-learn: max |Δp| = {parity:.3g} "
+                              f"> {PARITY_TOLERANCE:g} on {len(X_eval)} evaluation rows")
+    metadata = {
+        "threshold": float(threshold),
+        "threshold_method": threshold_method,
+        "onnx_artifact": ONNX_ARTIFACT,
+        "onnx_max_abs_diff": parity,
+        "features": list(FEATURES),
+        **(extra_metadata or {}),
+    }
+    example = pd.DataFrame(X_eval[:5], columns=list(FEATURES))
+    info = mlflow.sklearn.log_model(
+        model,
+        name=MODEL_ARTIFACT,
+        signature=model_signature(),
+        input_example=example,
+        serialization_format="skops",
+        skops_trusted_types=SKOPS_TRUSTED_TYPES,
+        pip_requirements=pip_requirements(),
+        metadata=metadata,
+        # Our own check (parity above, load_bundle after registration) covers what MLflow's
+        # serving-input validation would, without loading the forest a second time.
+        validate_serving_input=False,
+    )
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / Path(ONNX_ARTIFACT).name
+        path.write_bytes(onnx_bytes)
+        mlflow.log_artifact(str(path), artifact_path=str(Path(ONNX_ARTIFACT).parent))
+    return LoggedFraudModel(info.model_uri, getattr(info, "model_id", None), parity, len(onnx_bytes),
+                            getattr(info, "model_size_bytes", None))
+
+
+# --- loading ----------------------------------------------------------------------------------------
+
+
+def probe_rows(n: int = 512) -> np.ndarray:
+    """A fixed probe set for load-time parity: wide Gaussian rows reaching deep into both classes."""
+    rng = np.random.default_rng(20_240_229)
+    scales = np.repeat([0.5, 1.0, 2.0, 4.0, 8.0], math.ceil(n / 5))[:n, None]
+    return rng.standard_normal((n, N_FEATURES)) * scales
+
+
+class _OnnxScorer:
+    """Thread-safe scoring through an ONNX session; single rows reuse a per-thread float32 buffer."""
+
+    def __init__(self, session):
+        inputs = session.get_inputs()
+        outputs = [o.name for o in session.get_outputs()]
+        if len(inputs) != 1:
+            raise ModelLoadError(f"the ONNX model has {len(inputs)} inputs, expected 1 ({ONNX_INPUT})")
+        shape = inputs[0].shape
+        if inputs[0].type != "tensor(float)" or len(shape) != 2 or shape[1] != N_FEATURES:
+            raise ModelLoadError(f"the ONNX input is {inputs[0].type} {shape}, expected tensor(float) [n, {N_FEATURES}]")
+        if ONNX_OUTPUT not in outputs:
+            raise ModelLoadError(f"the ONNX model's outputs are {outputs}, expected {ONNX_OUTPUT!r}")
+        self._session = session
+        self._input = inputs[0].name
+        self._outputs = [ONNX_OUTPUT]
+        self._local = threading.local()
+
+    def __call__(self, X: np.ndarray) -> np.ndarray:
+        if X.shape[0] == 1:
+            buffer = getattr(self._local, "row", None)
+            if buffer is None:
+                buffer = self._local.row = np.empty((1, N_FEATURES), dtype=np.float32)
+            buffer[...] = X
+            features = buffer
+        else:
+            features = np.ascontiguousarray(X, dtype=np.float32)
+        probabilities = self._session.run(self._outputs, {self._input: features})[0]
+        return probabilities[:, 1].astype(np.float64)
+
+
+@dataclass(frozen=True)
+class ModelBundle:
+    """A registered version ready to score. Build with `load_bundle` or `load_bundle_from_uri`.
+
+    `predict_proba(X)` takes an (n, 29) array in FEATURES order and returns n fraud probabilities.
+    """
+
+    name: str
+    version: str
+    stage: str | None
+    run_id: str | None
+    threshold: float
+    threshold_method: str | None
+    flavor: str
+    parity_max_abs_diff: float | None
+    onnx_problem: str | None
+    features: tuple[str, ...] = FEATURES
+    aliases: tuple[str, ...] = ()
+    _scorer: Callable[[np.ndarray], np.ndarray] = field(default=None, repr=False, compare=False)
+
+    def predict_proba(self, X: np.ndarray) -> np.ndarray:
+        """Fraud probabilities for each row of X.
+
+        Raises:
+            ValueError: X is not a 2-D array with 29 columns.
+        """
+        X = np.asarray(X)
+        if X.ndim != 2 or X.shape[1] != N_FEATURES:
+            raise ValueError(f"expected an array of shape (n, {N_FEATURES}), got {X.shape}")
+        return self._scorer(X)
+
+    def decide(self, probabilities: np.ndarray, threshold: float | None = None) -> np.ndarray:
+        """The decisions for these probabilities at `threshold` (default: the model's own)."""
+        return is_fraud(probabilities, self.threshold if threshold is None else threshold)
+
+
+_MODEL_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<ref>[^/]+))/?$")
+
+
+def load_bundle_from_uri(uri: str, mlflow_client=None, *, flavor: str = "auto") -> ModelBundle:
+    """Load `models:/<name>@<alias>`, `models:/<name>/<version>` or `models:/<name>/<stage>`.
+
+    Args:
+        uri: the model URI (e.g. MODEL_URI).
+        mlflow_client: the registry client (default: one for MLFLOW_TRACKING_URI).
+        flavor: see `load_bundle`.
+
+    Raises:
+        ModelLoadError: the URI is malformed, names nothing, or the version cannot be served.
+    """
+    from mlflow.exceptions import MlflowException
+
+    from common.registry import client as registry_client
+
+    match = _MODEL_URI.match(uri.strip())
+    if not match:
+        raise ModelLoadError(f"model URI {uri!r} is not models:/<name>@<alias> or models:/<name>/<version|stage>")
+    mlflow_client = mlflow_client or registry_client()
+    name, alias, ref = match["name"], match["alias"], match["ref"]
+    try:
+        if alias:
+            version = mlflow_client.get_model_version_by_alias(name, alias).version
+        elif ref.isdigit():
+            version = ref
+        else:
+            found = version_in_stage(mlflow_client, name, ref)
+            if found is None:
+                raise ModelLoadError(f"model URI {uri!r}: {name!r} has no version in stage {ref!r}")
+            version = found.version
+    except MlflowException as exc:
+        raise ModelLoadError(f"model URI {uri!r} names no model version: {_first_line(exc)}") from None
+    return load_bundle(mlflow_client, name, version, flavor=flavor)
+
+
+def load_bundle(mlflow_client, name: str, version: str | int, *, flavor: str = "auto") -> ModelBundle:
+    """Download, validate and prepare one registered version for scoring.
+
+    Args:
+        mlflow_client: an MlflowClient for the registry holding the version.
+        name: the registered model name.
+        version: its version number.
+        flavor: "auto" (ONNX when present and at parity, else scikit-learn), "onnx" (required),
+            or "sklearn".
+
+    Raises:
+        ModelLoadError: the version does not exist, its model artifact is missing or corrupt, its
+            inputs are not the 29 FEATURES, it has no valid threshold, or (flavor="onnx") its ONNX
+            artifact is missing or disagrees with the forest.
+    """
+    import mlflow
+    from mlflow.exceptions import MlflowException
+    from mlflow.models import Model
+
+    if flavor not in FLAVORS:
+        raise ValueError(f"flavor must be one of {FLAVORS}, got {flavor!r}")
+    version = str(version)
+    label = f"{name} version {version}"
+    try:
+        with stages_api():
+            mv = mlflow_client.get_model_version(name, version)
+            stage = mv.current_stage
+    except MlflowException as exc:
+        raise ModelLoadError(f"{label} cannot be read from the registry: {_first_line(exc)}") from None
+
+    with tempfile.TemporaryDirectory(prefix="fraud-model-") as tmp:
+        try:
+            source = mlflow_client.get_model_version_download_uri(name, version)
+            local = mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=str(Path(tmp) / "model"),
+                                                        tracking_uri=mlflow_client.tracking_uri)
+            mlmodel = Model.load(local)
+        except Exception as exc:  # any download or parse failure means the same thing to a caller
+            raise ModelLoadError(f"{label}: the model artifact is missing or unreadable: {_first_line(exc)}") from None
+        meta = mlmodel.metadata or {}
+        _check_signature(label, mlmodel)
+        threshold = _threshold(label, mv.tags, meta)
+        try:
+            forest = mlflow.sklearn.load_model(local)
+        except Exception as exc:
+            raise ModelLoadError(f"{label}: the scikit-learn model cannot be loaded: {_first_line(exc)}") from None
+        _check_forest(label, forest)
+        if hasattr(forest, "n_jobs"):
+            forest.n_jobs = 1  # a server scores small batches; a thread pool per call costs more than it saves
+
+        session, parity, problem = None, None, None
+        if flavor != "sklearn":
+            session, parity, problem = _load_onnx(mlflow_client, mv.run_id, meta, forest, tmp)
+            if problem and flavor == "onnx":
+                raise ModelLoadError(f"{label}: {problem}")
+
+    if session is not None:
+        scorer, chosen = _OnnxScorer(session), "onnx"
+    else:
+        scorer, chosen = (lambda X: sklearn_proba(forest, X)), "sklearn"
+    return ModelBundle(
+        name=name, version=version, stage=stage, run_id=mv.run_id, threshold=threshold,
+        threshold_method=mv.tags.get(THRESHOLD_METHOD_TAG) or meta.get("threshold_method"),
+        flavor=chosen, parity_max_abs_diff=parity, onnx_problem=problem,
+        aliases=tuple(getattr(mv, "aliases", ()) or ()), _scorer=scorer,
+    )
+
+
+def _check_signature(label: str, mlmodel) -> None:
+    signature = mlmodel.signature
+    if signature is None or signature.inputs is None:
+        raise ModelLoadError(f"{label}: the model has no input signature; expected the {N_FEATURES} FEATURES")
+    names = list(signature.inputs.input_names())
+    if names != list(FEATURES):
+        raise ModelLoadError(f"{label}: the model's inputs are {len(names)} columns {names[:3]}..., expected the "
+                             f"{N_FEATURES} FEATURES V1..V28, Amount_scaled in order")
+
+
+def _check_forest(label: str, forest) -> None:
+    if not hasattr(forest, "predict_proba"):
+        raise ModelLoadError(f"{label}: the model has no predict_proba")
+    if getattr(forest, "n_features_in_", None) != N_FEATURES:
+        raise ModelLoadError(f"{label}: the model takes {getattr(forest, 'n_features_in_', '?')} features, "
+                             f"expected {N_FEATURES}")
+    classes = [int(c) for c in getattr(forest, "classes_", [])]
+    if classes != [0, 1]:
+        raise ModelLoadError(f"{label}: the model's classes are {classes}, expected [0, 1]")
+
+
+def _threshold(label: str, tags: dict, meta: dict) -> float:
+    raw = tags.get(THRESHOLD_TAG, meta.get("threshold"))
+    try:
+        value = float(raw)
+    except (TypeError, ValueError):
+        raise ModelLoadError(f"{label}: no decision threshold (version tag {THRESHOLD_TAG!r} or model metadata); "
+                             f"got {raw!r}") from None
+    if not 0.0 <= value <= 1.0:
+        raise ModelLoadError(f"{label}: threshold {value} is outside [0, 1]")
+    return value
+
+
+def _load_onnx(mlflow_client, run_id: str | None, meta: dict, forest, tmp: str):
+    """(session, parity, problem): a session at parity, or None and the reason it is not used."""
+    from mlflow.exceptions import MlflowException
+
+    artifact = meta.get("onnx_artifact") or ONNX_ARTIFACT
+    if not run_id:
+        return None, None, "the version has no run, so no ONNX artifact"
+    try:
+        path = mlflow_client.download_artifacts(run_id, artifact, str(Path(tmp) / "onnx"))
+        session = onnx_session(Path(path).read_bytes())
+        parity = onnx_max_abs_diff(forest, session, probe_rows())
+    except (MlflowException, OSError) as exc:
+        return None, None, f"ONNX artifact {artifact} is missing: {_first_line(exc)}"
+    except ModelLoadError as exc:
+        return None, None, f"ONNX artifact {artifact} is incompatible: {exc}"
+    except Exception as exc:  # onnxruntime raises its own exception types for corrupt files
+        return None, None, f"ONNX artifact {artifact} cannot be loaded: {_first_line(exc)}"
+    if not parity <= PARITY_TOLERANCE:
+        return None, parity, (f"ONNX artifact {artifact} disagrees with the forest: max |Δp| = {parity:.3g} "
+                              f"> {PARITY_TOLERANCE:g} on the probe set")
+    return session, parity, None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return (text.splitlines()[0] if text else type(exc).__name__)[:300]
+
+
+def describe_bundle(bundle: ModelBundle) -> str:
+    """One line for logs: name, version, stage, flavor and threshold."""
+    return json.dumps({"name": bundle.name, "version": bundle.version, "stage": bundle.stage,
+                       "flavor": bundle.flavor, "threshold": bundle.threshold, "onnx_problem": bundle.onnx_problem})

@@ -1,0 +1,1 @@
+"""Drift detection, the drift-check stage, the promotion gate and the traffic simulator."""

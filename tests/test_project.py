@@ -1,0 +1,81 @@
+"""Promises the repository makes to a newcomer: pins agree, runtime data stays out of git, and the
+MLproject entry points run as documented."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from common.paths import REPO_ROOT
+
+MLFLOW = str(Path(sys.executable).parent / "mlflow")
+
+
+def _pins(lines) -> dict[str, str]:
+    pins = {}
+    for line in lines:
+        line = line.strip().lstrip("- ").strip()
+        match = re.fullmatch(r"([A-Za-z0-9_.\-]+)(\[[^\]]+\])?==([^\s#]+)", line)
+        if match:
+            pins[match.group(1).lower()] = match.group(3)
+    return pins
+
+
+def test_conda_env_carries_the_same_pins_as_requirements():
+    requirements = _pins((REPO_ROOT / "requirements.txt").read_text().splitlines())
+    conda = yaml.safe_load((REPO_ROOT / "conda.yaml").read_text())
+    pip_section = next(d["pip"] for d in conda["dependencies"] if isinstance(d, dict))
+    assert _pins(pip_section) == requirements
+    assert "python=3.11" in conda["dependencies"]
+
+
+def test_every_requirement_is_in_the_lock_at_the_same_version():
+    lock = _pins((REPO_ROOT / "constraints.txt").read_text().splitlines())
+    for name in ("requirements.txt", "requirements-dev.txt"):
+        for package, version in _pins((REPO_ROOT / name).read_text().splitlines()).items():
+            assert lock.get(package.replace("_", "-")) == version or lock.get(package.replace("-", "_")) == version, (
+                f"{name}: {package}=={version} is not locked in constraints.txt")
+
+
+def test_runtime_data_is_ignored_by_git():
+    runtime = ["data/requests.db", "data/reference_data.db", "mlflow.db", "mlruns/1/meta.yaml",
+               "drift_result.json", ".api_token", ".venv/bin/python", "data/creditcard.csv"]
+    result = subprocess.run(["git", "check-ignore", *runtime], cwd=REPO_ROOT, capture_output=True, text=True)
+    assert sorted(result.stdout.split()) == sorted(runtime)
+    kept = subprocess.run(["git", "check-ignore", "mlruns/.gitkeep", "data/drift_config.json"], cwd=REPO_ROOT,
+                          capture_output=True, text=True)
+    assert kept.stdout == ""
+
+
+def test_readme_quick_start_has_exactly_the_two_commands():
+    readme = (REPO_ROOT / "README.md").read_text()
+    first_section = readme.split("\n## ", 2)[1]
+    commands = re.findall(r"^\s*(make \S+)\s*$", first_section, flags=re.M)
+    assert commands == ["make run", "make test"]
+
+
+def test_ci_script_calls_the_readme_test_command():
+    assert "make test" in (REPO_ROOT / ".ci/run").read_text()
+
+
+@pytest.mark.slow
+def test_mlflow_run_generate_then_import_csv(tmp_path):
+    # As after `source .venv/bin/activate`: MLproject commands call `python`.
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+           "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}",
+           "MLFLOW_ARTIFACT_ROOT": str(tmp_path / "mlruns"), "FEATURE_CONFIG": str(tmp_path / "fc.json")}
+    csv, db = tmp_path / "cc.csv", tmp_path / "ref.db"
+    subprocess.run([MLFLOW, "run", ".", "-e", "generate", "--env-manager", "local", "-P", "rows=1000",
+                    "-P", "seed=2", "-P", f"out={csv}", "-P", "fraud_rate=0.01"],
+                   cwd=REPO_ROOT, env=env, check=True, capture_output=True, timeout=300)
+    run = subprocess.run([MLFLOW, "run", ".", "-e", "import_csv", "--env-manager", "local", "-P", f"csv={csv}",
+                          "-P", f"db={db}"], cwd=REPO_ROOT, env=env, check=True, capture_output=True, text=True,
+                         timeout=300)
+    assert "added 1000 new rows" in run.stdout
+    assert (tmp_path / "fc.json").exists()
