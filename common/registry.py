@@ -33,6 +33,8 @@ def stages_api() -> Iterator[None]:
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", category=FutureWarning, module=r"mlflow\..*")
         warnings.filterwarnings("ignore", message=r".*[Ss]tage.*deprecated.*")
+        # e.g. "``MlflowClient.get_latest_versions`` is deprecated since 2.9.0. Model registry stages ..."
+        warnings.filterwarnings("ignore", message=r".*deprecated.*[Ss]tages?\b.*", category=FutureWarning)
         yield
 
 
@@ -117,7 +119,8 @@ def move_to_stage(mlflow_client: MlflowClient, name: str, version: str | int, st
             _drop_alias_if_on(mlflow_client, name, stage_alias, version)
     if stage == "Production":
         _drop_alias_if_on(mlflow_client, name, STAGE_ALIASES["Staging"], version)
-        if current_production is not None and current_production.version != version:
+        # The SQL registry returns versions as int, callers pass str: compare as text.
+        if current_production is not None and str(current_production.version) != version:
             mlflow_client.set_registered_model_alias(name, PREVIOUS_ALIAS, current_production.version)
 
 
@@ -126,5 +129,5 @@ def _drop_alias_if_on(mlflow_client: MlflowClient, name: str, alias: str, versio
         holder = mlflow_client.get_model_version_by_alias(name, alias)
     except MlflowException:
         return
-    if holder.version == version:
+    if str(holder.version) == version:
         mlflow_client.delete_registered_model_alias(name, alias)
