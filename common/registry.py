@@ -109,8 +109,14 @@ def move_to_stage(mlflow_client: MlflowClient, name: str, version: str | int, st
     version = str(version)
     current_production = production_version(mlflow_client, name) if stage == "Production" else None
     with stages_api():
-        mlflow_client.transition_model_version_stage(name, version, stage,
-                                                     archive_existing_versions=(stage == "Production"))
+        # Not archive_existing_versions=True: on a PostgreSQL-backed registry MLflow 3.17 compares the
+        # integer version column with a text parameter there and fails. The versions this one replaces
+        # are archived after it holds the stage, so readers never see no Production version.
+        mlflow_client.transition_model_version_stage(name, version, stage, archive_existing_versions=False)
+        if stage == "Production":
+            for other in mlflow_client.search_model_versions(f"name = '{name}'"):
+                if other.current_stage == "Production" and str(other.version) != version:
+                    mlflow_client.transition_model_version_stage(name, str(other.version), "Archived")
     alias = STAGE_ALIASES.get(stage)
     if alias:
         mlflow_client.set_registered_model_alias(name, alias, version)

@@ -79,3 +79,14 @@ def test_mlflow_run_generate_then_import_csv(tmp_path):
                          timeout=300)
     assert "added 1000 new rows" in run.stdout
     assert (tmp_path / "fc.json").exists()
+
+
+def test_every_setting_is_in_the_readme_table():
+    """Each reader in common/settings.py names its variable first in its docstring; the README's
+    configuration table must list every one of them."""
+    source = (REPO_ROOT / "common/settings.py").read_text()
+    variables = set(re.findall(r'"""([A-Z][A-Z0-9_]+)[;( ]', source))
+    variables |= set(re.findall(r"\band ([A-Z][A-Z0-9_]+) \(", source))  # "API_TOKEN (...) and API_TOKEN_FILE (...)"
+    table = {m for m in re.findall(r"^\| `([A-Z][A-Z0-9_]+)` \|", (REPO_ROOT / "README.md").read_text(), flags=re.M)}
+    assert {"API_TOKEN", "LATEST_DB", "FRAUD_THRESHOLD", "MLFLOW_TRACKING_URI", "MODEL_NAME"} <= variables
+    assert variables - table == set()
