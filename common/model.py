@@ -34,7 +34,7 @@ import math
 import re
 import tempfile
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib import metadata as importlib_metadata
 from pathlib import Path
@@ -125,7 +125,7 @@ def onnx_max_abs_diff(model, session, X: np.ndarray, reference: np.ndarray | Non
 
 
 def model_signature():
-    """29 named double inputs (FEATURES, in order); one double output (the predicted class)."""
+    """29 named double inputs (FEATURES, in order); one int64 output (the predicted class, pyfunc's predict)."""
     from mlflow.models import ModelSignature
     from mlflow.types import ColSpec, Schema, TensorSpec
 
@@ -134,13 +134,8 @@ def model_signature():
 
 
 def pip_requirements() -> list[str]:
-    reqs = []
-    for package in _REQUIREMENT_PACKAGES:
-        try:
-            reqs.append(f"{package}=={importlib_metadata.version(package)}")
-        except importlib_metadata.PackageNotFoundError:  # pragma: no cover - all are pinned runtime deps
-            reqs.append(package)
-    return reqs
+    """The logged model's requirements, pinned to the versions installed here (all runtime pins)."""
+    return [f"{package}=={importlib_metadata.version(package)}" for package in _REQUIREMENT_PACKAGES]
 
 
 @dataclass(frozen=True)
@@ -202,16 +197,13 @@ def log_fraud_model(model, X_eval: np.ndarray, threshold: float, threshold_metho
         skops_trusted_types=SKOPS_TRUSTED_TYPES,
         pip_requirements=pip_requirements(),
         metadata=metadata,
-        # Our own check (parity above, load_bundle after registration) covers what MLflow's
-        # serving-input validation would, without loading the forest a second time.
-        validate_serving_input=False,
     )
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / Path(ONNX_ARTIFACT).name
         path.write_bytes(onnx_bytes)
         mlflow.log_artifact(str(path), artifact_path=str(Path(ONNX_ARTIFACT).parent))
-    return LoggedFraudModel(info.model_uri, getattr(info, "model_id", None), parity, len(onnx_bytes),
-                            getattr(info, "model_size_bytes", None))
+    size = mlflow.models.Model.load(info.model_uri).model_size_bytes  # MLflow records it in MLmodel
+    return LoggedFraudModel(info.model_uri, getattr(info, "model_id", None), parity, len(onnx_bytes), size)
 
 
 # --- loading ----------------------------------------------------------------------------------------
@@ -234,7 +226,8 @@ class _OnnxScorer:
             raise ModelLoadError(f"the ONNX model has {len(inputs)} inputs, expected 1 ({ONNX_INPUT})")
         shape = inputs[0].shape
         if inputs[0].type != "tensor(float)" or len(shape) != 2 or shape[1] != N_FEATURES:
-            raise ModelLoadError(f"the ONNX input is {inputs[0].type} {shape}, expected tensor(float) [n, {N_FEATURES}]")
+            raise ModelLoadError(f"the ONNX input is {inputs[0].type} {shape}, "
+                                 f"expected tensor(float) [n, {N_FEATURES}]")
         if ONNX_OUTPUT not in outputs:
             raise ModelLoadError(f"the ONNX model's outputs are {outputs}, expected {ONNX_OUTPUT!r}")
         self._session = session

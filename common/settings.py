@@ -147,6 +147,17 @@ def drift_config_path() -> Path:
     return Path(_path_or_url(read_str("DRIFT_CONFIG") or str(DATA_DIR / "drift_config.json")))
 
 
+def drift_reference_path() -> Path:
+    """DRIFT_REFERENCE; the Production model's training features (and scores) that drift checks compare
+    against, rewritten atomically by the promotion gate (default data/drift_reference.parquet)."""
+    return Path(_path_or_url(read_str("DRIFT_REFERENCE") or str(DATA_DIR / "drift_reference.parquet")))
+
+
+def promotion_config_path() -> Path:
+    """PROMOTION_CONFIG; the promotion gate's margins and quality floor (default data/promotion_config.json)."""
+    return Path(_path_or_url(read_str("PROMOTION_CONFIG") or str(DATA_DIR / "promotion_config.json")))
+
+
 def fraud_threshold() -> float | None:
     """FRAUD_THRESHOLD; overrides the model's stored decision threshold when set (0..1)."""
     return read_float("FRAUD_THRESHOLD", None, minimum=0.0, maximum=1.0)
@@ -181,3 +192,56 @@ def max_rows() -> int:
 def max_body_bytes() -> int:
     """MAX_BODY_BYTES; the largest request body accepted (413 above it)."""
     return read_int("MAX_BODY_BYTES", 4 * 1024 * 1024, minimum=1024, maximum=1024**3)
+
+
+# --- serving (service/gunicorn.conf.py, service/launch.py) ----------------------------------------
+
+
+def host() -> str:
+    """HOST; the address gunicorn binds (default 127.0.0.1; 0.0.0.0 in the container)."""
+    return read_str("HOST", "127.0.0.1")
+
+
+def port() -> int:
+    """PORT; the port gunicorn binds (default 5000)."""
+    return read_int("PORT", 5000, minimum=0, maximum=65535)
+
+
+def web_concurrency() -> int:
+    """WEB_CONCURRENCY; gunicorn worker processes (default 2)."""
+    return read_int("WEB_CONCURRENCY", 2, minimum=1, maximum=64)
+
+
+def web_threads() -> int:
+    """WEB_THREADS; request threads per worker (default 4: gthread workers; 1: sync workers)."""
+    return read_int("WEB_THREADS", 4, minimum=1, maximum=64)
+
+
+def sqlite_synchronous() -> str:
+    """SQLITE_SYNCHRONOUS; SQLite's `synchronous` for request-log and reference writes: NORMAL or FULL.
+
+    NORMAL (default) with WAL: a commit survives a crash of the process (and of every worker), but
+    the last commits before an operating-system crash or power loss may be lost (never corrupted).
+    FULL also fsyncs the WAL on every commit, which costs about one disk flush per request.
+
+    Raises:
+        SettingsError: the value is neither.
+    """
+    value = (read_str("SQLITE_SYNCHRONOUS") or "NORMAL").upper()
+    if value not in ("NORMAL", "FULL"):
+        raise SettingsError(f"SQLITE_SYNCHRONOUS={value!r} is neither NORMAL nor FULL")
+    return value
+
+
+def prometheus_multiproc_dir() -> str | None:
+    """PROMETHEUS_MULTIPROC_DIR; where gunicorn workers share metrics (default: a fresh temporary
+    folder per server start, removed at exit)."""
+    return read_str("PROMETHEUS_MULTIPROC_DIR")
+
+
+def log_level() -> str:
+    """LOG_LEVEL; the service's log level under gunicorn (default info)."""
+    value = (read_str("LOG_LEVEL") or "info").lower()
+    if value not in ("debug", "info", "warning", "error", "critical"):
+        raise SettingsError(f"LOG_LEVEL={value!r} is not one of debug, info, warning, error, critical")
+    return value

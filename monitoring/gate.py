@@ -1,0 +1,551 @@
+"""The promotion gate: the only way a model version reaches Production, and the way back (rollback).
+
+`python -m monitoring.gate [--version N] [--reason scheduled|manual] [--rollback true]`, or
+`mlflow run . -e promote --env-manager local -P version=N -P reason=manual -P rollback=true`.
+
+The candidate (default: the newest Staging version, alias `challenger`) is promoted only if all hold:
+
+(a) cause: a `drift-monitoring` run started after the current Production version's promotion found
+    `drift_detected=true`, or an explicit reason (`scheduled`, `manual`) is given; either is recorded;
+(b) quality: on the candidate's evaluation rows (its run's `data/evaluation.parquet`: labelled rows
+    held out from its training), its `average_precision` and its recall at its own operating
+    threshold are each at most the configured margin below the Production model's on the same rows
+    (both measured by `training.evaluate.evaluate_scores`, the function training uses);
+(c) integrity: the candidate loads as the service would load it, its input signature is the 29
+    FEATURES, and its ONNX artifact agrees with its scikit-learn model on the evaluation rows within
+    `common.model.PARITY_TOLERANCE`.
+
+With no Production version yet (the first model), (a) does not apply and (b) is replaced by an
+absolute floor on the candidate's own metrics. Margins and floor: `data/promotion_config.json`
+(PROMOTION_CONFIG).
+
+On pass the candidate becomes Production (the previous one Archived with alias `previous`; see
+`common.registry.move_to_stage`), the version is tagged with the gate run's id, the reasons and
+`promoted_at`, and the drift reference file is replaced atomically with the new model's training
+data and scores. On fail nothing changes, the reasons are printed and logged. Rollback makes the
+`previous` version Production again with the same bookkeeping (it must still load).
+
+Every decision is one run in experiment `promotions`, with both models' metrics side by side
+(`candidate.<metric>`, `production.<metric>`, `delta.<metric>`), and `promotion_result.json`
+(also written to `--output-dir`).
+
+Exit codes: 0 promoted (or rolled back), 3 refused by a check, 2 bad arguments or config (or
+nothing to decide: no candidate, no previous version), 1 the gate could not run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import tempfile
+import time
+import traceback
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from mlflow.exceptions import MlflowException
+
+from common import registry, settings
+from common.model import PARITY_TOLERANCE, ModelLoadError, load_bundle
+from common.schema import FEATURES, LABEL
+from monitoring.reference import ReferenceError, commit_reference_file, discard_staged, stage_refresh
+from monitoring.runs import PROMOTED_AT_TAG, log, promoted_at, start_run
+
+EXIT_PASSED = 0
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+EXIT_REFUSED = 3
+
+REASONS = ("scheduled", "manual")
+EVALUATION_ARTIFACT = "data/evaluation.parquet"  # written by training.train (EVALUATION_ARTIFACT)
+RESULT_FILE = "promotion_result.json"
+COMPARED = ("average_precision", "recall")
+
+
+class GateUsageError(ValueError):
+    """Bad arguments or config, or nothing to decide (exit code 2)."""
+
+
+class GateError(RuntimeError):
+    """The gate could not run (exit code 1)."""
+
+
+@dataclass(frozen=True)
+class GateConfig:
+    """`data/promotion_config.json`."""
+
+    max_average_precision_drop: float = 0.01
+    max_recall_drop: float = 0.02
+    floor_average_precision: float = 0.5
+    floor_recall: float = 0.5
+    min_evaluation_frauds: int = 5
+
+    @classmethod
+    def load(cls, path: Path) -> GateConfig:
+        """Read and validate the config.
+
+        Raises:
+            GateUsageError: missing, malformed, unknown keys, or values out of range.
+        """
+        try:
+            raw = json.loads(Path(path).read_text())
+        except FileNotFoundError:
+            raise GateUsageError(f"promotion config {path} does not exist (PROMOTION_CONFIG)") from None
+        except (OSError, ValueError) as exc:
+            raise GateUsageError(f"promotion config {path} is not valid JSON: {exc}") from None
+        known = set(cls.__dataclass_fields__)
+        if not isinstance(raw, dict) or set(raw) - known:
+            raise GateUsageError(f"promotion config {path} must be an object with keys from {sorted(known)}")
+        try:
+            config = cls(**{k: (int(v) if k == "min_evaluation_frauds" else float(v)) for k, v in raw.items()})
+        except (TypeError, ValueError) as exc:
+            raise GateUsageError(f"promotion config {path}: {exc}") from None
+        for name in ("max_average_precision_drop", "max_recall_drop", "floor_average_precision", "floor_recall"):
+            value = getattr(config, name)
+            if not (math.isfinite(value) and 0.0 <= value <= 1.0):
+                raise GateUsageError(f"promotion config {path}: {name} must be within [0, 1], got {value}")
+        if config.min_evaluation_frauds < 1:
+            raise GateUsageError(f"promotion config {path}: min_evaluation_frauds must be at least 1")
+        return config
+
+
+@dataclass(frozen=True)
+class GateParams:
+    """Options; the names match the CLI flags and the MLproject parameters."""
+
+    version: str | None = None
+    reason: str | None = None
+    rollback: bool = False
+    model_name: str | None = None
+    tracking_uri: str | None = None
+    config: Path | None = None
+    reference_file: Path | None = None
+    output_dir: Path = Path()
+
+
+@dataclass(frozen=True)
+class Check:
+    name: str
+    passed: bool
+    detail: str
+
+
+@dataclass(frozen=True)
+class GateDecision:
+    """What the gate decided and why."""
+
+    action: str  # "promote" or "rollback"
+    passed: bool
+    model_name: str
+    candidate: str | None
+    production: str | None
+    checks: tuple[Check, ...]
+    metrics: dict[str, float] = field(default_factory=dict)
+    run_id: str | None = None
+    notes: tuple[str, ...] = ()
+
+    @property
+    def reasons(self) -> list[str]:
+        """Failed checks when refused; every check's detail when passed."""
+        failed = [c for c in self.checks if not c.passed]
+        return [f"{c.name}: {c.detail}" for c in (failed if failed else self.checks)]
+
+    @property
+    def exit_code(self) -> int:
+        return EXIT_PASSED if self.passed else EXIT_REFUSED
+
+    def to_dict(self) -> dict:
+        return {
+            "action": self.action,
+            "passed": self.passed,
+            "decision": _decision(self),
+            "model_name": self.model_name,
+            "candidate_version": self.candidate,
+            "production_version_before": self.production,
+            "checks": [c.__dict__ for c in self.checks],
+            "reasons": self.reasons,
+            "metrics": {k: (v if math.isfinite(v) else None) for k, v in self.metrics.items()},
+            "run_id": self.run_id,
+            "notes": list(self.notes),
+        }
+
+
+def _decision(decision: GateDecision) -> str:
+    if decision.action == "rollback":
+        return "rolled_back" if decision.passed else "rollback_refused"
+    return "promoted" if decision.passed else "refused"
+
+
+# --- checks ----------------------------------------------------------------------------------------
+
+
+def drift_cause(mlflow_client, production, reason: str | None) -> Check:
+    """(a): an explicit reason, or a drift run since Production's promotion that found drift."""
+    if reason:
+        return Check("cause", True, f"explicit reason {reason!r}")
+    since = promoted_at(production)
+    experiment = mlflow_client.get_experiment_by_name(registry.DRIFT_EXPERIMENT)
+    if experiment is None:
+        return Check("cause", False, "no drift check has ever run and no reason (scheduled, manual) was given")
+    runs = mlflow_client.search_runs(
+        [experiment.experiment_id],
+        filter_string=f"tags.drift_detected = 'true' and attributes.start_time > {int(since * 1000)}",
+        order_by=["attributes.start_time DESC"], max_results=1)
+    if runs:
+        run = runs[0]
+        when = datetime.fromtimestamp(run.info.start_time / 1000, UTC).isoformat(timespec="seconds")
+        drifted = run.data.tags.get("drifted_features", "")
+        return Check("cause", True, f"drift run {run.info.run_id} at {when} found drift ({drifted})")
+    return Check("cause", False, f"no drift run since v{production.version} was promoted "
+                                 f"({datetime.fromtimestamp(since, UTC).isoformat(timespec='seconds')}) found drift, "
+                                 "and no reason (scheduled, manual) was given")
+
+
+def evaluation_rows(mlflow_client, run_id: str | None) -> pd.DataFrame:
+    """The candidate's held-out evaluation rows (FEATURES + Class).
+
+    Raises:
+        GateError: the run or its artifact is missing or malformed.
+    """
+    if not run_id:
+        raise GateError("the candidate has no training run, so no evaluation rows")
+    with tempfile.TemporaryDirectory(prefix="gate-eval-") as tmp:
+        try:
+            frame = pd.read_parquet(mlflow_client.download_artifacts(run_id, EVALUATION_ARTIFACT, tmp))
+        except Exception as exc:  # MlflowException, OSError, Arrow errors all mean "not available"
+            raise GateError(f"run {run_id} has no readable {EVALUATION_ARTIFACT}: "
+                            f"{str(exc).splitlines()[0][:200]}") from None
+    missing = [c for c in (*FEATURES, LABEL) if c not in frame.columns]
+    if missing:
+        raise GateError(f"run {run_id}'s {EVALUATION_ARTIFACT} lacks columns {missing}")
+    return frame
+
+
+def integrity(mlflow_client, name: str, version: str, rows: np.ndarray | None):
+    """(c): (Check, bundle to serve or None). Loads ONNX (required) and scikit-learn, compares them."""
+    try:
+        served = load_bundle(mlflow_client, name, version, flavor="onnx")
+        forest = load_bundle(mlflow_client, name, version, flavor="sklearn")
+    except ModelLoadError as exc:
+        return Check("integrity", False, f"v{version} cannot be served: {exc}"), None
+    if rows is None or len(rows) == 0:
+        return Check("integrity", True, f"v{version} loads (signature, threshold, ONNX parity on probe rows)"), served
+    try:
+        diff = float(np.max(np.abs(served.predict_proba(rows) - forest.predict_proba(rows))))
+    except Exception as exc:  # a model that raises on valid rows is broken, whatever the exception
+        return Check("integrity", False, f"v{version} fails to score the evaluation rows: {exc}"), None
+    if not diff <= PARITY_TOLERANCE:
+        return Check("integrity", False, f"v{version}'s ONNX and scikit-learn disagree on the evaluation rows: "
+                                         f"max |Δp| = {diff:.3g} > {PARITY_TOLERANCE:g}"), None
+    return Check("integrity", True, f"v{version} loads, signature = the {len(FEATURES)} features, ONNX agrees with "
+                                    f"scikit-learn on {len(rows)} evaluation rows (max |Δp| = {diff:.2g})"), served
+
+
+def _metrics(bundle, rows: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+    from training.evaluate import evaluate_scores
+
+    return evaluate_scores(labels, bundle.predict_proba(rows), bundle.threshold)
+
+
+def quality_against(candidate: dict, production: dict, config: GateConfig) -> Check:
+    """(b): the candidate may fall at most the configured margins below Production."""
+    margins = {"average_precision": config.max_average_precision_drop, "recall": config.max_recall_drop}
+    failures, details = [], []
+    for metric in COMPARED:
+        cand, prod = candidate[metric], production[metric]
+        text = f"{metric} {cand:.4f} vs {prod:.4f} (margin {margins[metric]:g})"
+        details.append(text)
+        if not (math.isfinite(cand) and math.isfinite(prod)) or cand < prod - margins[metric]:
+            failures.append(text)
+    if failures:
+        return Check("quality", False, "candidate worse than Production: " + "; ".join(failures))
+    return Check("quality", True, "not worse than Production: " + "; ".join(details))
+
+
+def quality_floor(candidate: dict, config: GateConfig) -> Check:
+    """The first model's bar: absolute floors on its own metrics."""
+    floors = {"average_precision": config.floor_average_precision, "recall": config.floor_recall}
+    failures = [f"{m} {candidate[m]:.4f} < floor {floors[m]:g}" for m in COMPARED
+                if not (math.isfinite(candidate[m]) and candidate[m] >= floors[m])]
+    details = ", ".join(f"{m} {candidate[m]:.4f} (floor {floors[m]:g})" for m in COMPARED)
+    if failures:
+        return Check("floor", False, "first model below the quality floor: " + "; ".join(failures))
+    return Check("floor", True, f"first model meets the quality floor: {details}")
+
+
+def _quality(mlflow_client, name: str, production, served, rows: np.ndarray, labels: np.ndarray,
+             config: GateConfig, metrics: dict[str, float]) -> Check:
+    """(b), or the floor for a first model; fills `metrics` with both models' side by side.
+
+    Raises:
+        GateError: the Production version cannot be loaded to compare with.
+    """
+    frauds = int(labels.sum())
+    if frauds < config.min_evaluation_frauds:
+        return Check("quality", False, f"the evaluation rows hold {frauds} frauds, fewer than "
+                                       f"min_evaluation_frauds={config.min_evaluation_frauds}")
+    if served is None:
+        return Check("quality", False, "not measured: the candidate cannot be served")
+    candidate = _metrics(served, rows, labels)
+    metrics.update({f"candidate.{k}": float(v) for k, v in candidate.items()})
+    if production is None:
+        return quality_floor(candidate, config)
+    try:
+        current = load_bundle(mlflow_client, name, production.version)
+    except ModelLoadError as exc:
+        raise GateError(f"Production v{production.version} cannot be loaded to compare: {exc}") from None
+    incumbent = _metrics(current, rows, labels)
+    metrics.update({f"production.{k}": float(v) for k, v in incumbent.items()})
+    metrics.update({f"delta.{k}": float(candidate[k]) - float(incumbent[k]) for k in candidate if k in incumbent})
+    return quality_against(candidate, incumbent, config)
+
+
+# --- the gate --------------------------------------------------------------------------------------
+
+
+def _candidate(mlflow_client, name: str, version: str | None):
+    if version:
+        try:
+            with registry.stages_api():
+                return mlflow_client.get_model_version(name, str(version))
+        except MlflowException:
+            raise GateUsageError(f"{name} has no version {version}") from None
+    found = registry.version_in_stage(mlflow_client, name, "Staging")
+    if found is None:
+        raise GateUsageError(f"{name} has no Staging (challenger) version to promote; train one first "
+                             "(mlflow run . -e train) or name one with --version")
+    return found
+
+
+def promote(params: GateParams) -> GateDecision:
+    """Judge the candidate and promote it when every check passes. See the module docstring.
+
+    Raises:
+        GateUsageError: bad arguments or config, no candidate, or the candidate is already Production.
+        GateError: the registry, the tracking store or an artifact is unavailable.
+    """
+    if params.rollback:
+        return rollback(params)
+    if params.reason and params.reason not in REASONS:
+        raise GateUsageError(f"--reason {params.reason!r} is unknown; expected one of {REASONS} (or none)")
+    config = GateConfig.load(params.config or settings.promotion_config_path())
+    uri = params.tracking_uri or settings.tracking_uri()
+    mlflow_client = registry.client(uri)
+    name = params.model_name or settings.model_name()
+    candidate = _candidate(mlflow_client, name, params.version)
+    production = registry.production_version(mlflow_client, name)
+    if production is not None and str(production.version) == str(candidate.version):
+        raise GateUsageError(f"{name} v{candidate.version} is already Production")
+    run_id = start_run(mlflow_client, registry.PROMOTION_EXPERIMENT, f"promote-v{candidate.version}",
+                       {"action": "promote"}, uri)
+    staged = None
+    try:
+        checks, metrics, notes = [], {}, []
+        if production is not None:
+            checks.append(drift_cause(mlflow_client, production, params.reason))
+        elif params.reason:
+            notes.append(f"reason {params.reason!r} recorded (first model: no drift condition applies)")
+        try:
+            frame = evaluation_rows(mlflow_client, candidate.run_id)
+            rows, labels = frame[list(FEATURES)].to_numpy(np.float64), frame[LABEL].to_numpy(np.int64)
+        except GateError as exc:  # a candidate without its held-out rows cannot be judged
+            rows = labels = None
+            checks.append(Check("quality", False, f"not measured: {exc}"))
+        check, served = integrity(mlflow_client, name, candidate.version, rows)
+        checks.append(check)
+        if labels is not None:
+            checks.append(_quality(mlflow_client, name, production, served, rows, labels, config, metrics))
+        reference_path = Path(params.reference_file or settings.drift_reference_path())
+        if all(c.passed for c in checks):
+            # Built before the registry changes, so a candidate without usable training data is refused.
+            try:
+                staged = stage_refresh(mlflow_client, served, reference_path)
+            except ReferenceError as exc:
+                checks.append(Check("reference", False, f"the drift reference cannot be built: {exc}"))
+        passed = all(c.passed for c in checks)
+        decision = GateDecision("promote", passed, name, str(candidate.version),
+                                str(production.version) if production else None, tuple(checks), metrics, run_id,
+                                tuple(notes))
+        if passed:
+            _make_production(mlflow_client, name, candidate.version, decision)
+            commit_reference_file(staged, reference_path)
+            staged = None
+            decision = GateDecision(**{**decision.__dict__,
+                                       "notes": (*decision.notes, f"drift reference refreshed: {reference_path}")})
+        _log_decision(mlflow_client, decision, params, config)
+    except BaseException as exc:
+        discard_staged(staged)
+        _fail_run(mlflow_client, run_id, exc)
+        raise
+    _write_result(Path(params.output_dir), decision)
+    mlflow_client.set_terminated(run_id, "FINISHED")
+    return decision
+
+
+def rollback(params: GateParams) -> GateDecision:
+    """Make the `previous` version Production again (it must still load); the current one becomes `previous`.
+
+    Raises:
+        GateUsageError: there is no `previous` version, or it is already Production.
+        GateError: the registry or tracking store is unavailable.
+    """
+    uri = params.tracking_uri or settings.tracking_uri()
+    mlflow_client = registry.client(uri)
+    name = params.model_name or settings.model_name()
+    try:
+        previous = mlflow_client.get_model_version_by_alias(name, registry.PREVIOUS_ALIAS)
+    except MlflowException:
+        raise GateUsageError(f"{name} has no version with alias '{registry.PREVIOUS_ALIAS}' to roll back to") from None
+    production = registry.production_version(mlflow_client, name)
+    if production is not None and str(production.version) == str(previous.version):
+        raise GateUsageError(f"{name} v{previous.version} ('{registry.PREVIOUS_ALIAS}') is already Production")
+    run_id = start_run(mlflow_client, registry.PROMOTION_EXPERIMENT, f"rollback-to-v{previous.version}",
+                       {"action": "rollback"}, uri)
+    staged = None
+    try:
+        check, served = integrity(mlflow_client, name, previous.version, None)
+        if served is None:  # without ONNX the service still serves scikit-learn; rollback needs only that
+            try:
+                served = load_bundle(mlflow_client, name, previous.version, flavor="auto")
+                check = Check("integrity", True, f"v{previous.version} loads (scikit-learn; {check.detail})")
+            except ModelLoadError as exc:
+                check = Check("integrity", False, f"v{previous.version} cannot be loaded: {exc}")
+        cause = Check("cause", True, f"rollback from v{production.version if production else 'none'}"
+                                     + (f" ({params.reason})" if params.reason else ""))
+        decision = GateDecision("rollback", check.passed, name, str(previous.version),
+                                str(production.version) if production else None, (cause, check), {}, run_id)
+        if decision.passed:
+            reference_path = Path(params.reference_file or settings.drift_reference_path())
+            notes = []
+            try:
+                staged = stage_refresh(mlflow_client, served, reference_path)
+            except ReferenceError as exc:
+                notes.append(f"drift reference not refreshed: {exc}")
+            _make_production(mlflow_client, name, previous.version, decision)
+            if staged is not None:
+                commit_reference_file(staged, reference_path)
+                staged = None
+                notes.append(f"drift reference refreshed: {reference_path}")
+            decision = GateDecision(**{**decision.__dict__, "notes": tuple(notes)})
+        _log_decision(mlflow_client, decision, params, None)
+    except BaseException as exc:
+        discard_staged(staged)
+        _fail_run(mlflow_client, run_id, exc)
+        raise
+    _write_result(Path(params.output_dir), decision)
+    mlflow_client.set_terminated(run_id, "FINISHED")
+    return decision
+
+
+def _make_production(mlflow_client, name: str, version: str, decision: GateDecision) -> None:
+    registry.move_to_stage(mlflow_client, name, version, "Production")
+    reasons = "; ".join(decision.reasons)
+    tags = {PROMOTED_AT_TAG: repr(time.time()), "promotion_run_id": decision.run_id or "",
+            "promotion_action": decision.action, "promotion_reasons": reasons[:4900]}
+    if decision.production:
+        tags["replaced_version"] = decision.production
+    for key, value in tags.items():
+        mlflow_client.set_model_version_tag(name, version, key, value)
+
+
+def _log_decision(mlflow_client, decision: GateDecision, params: GateParams, config: GateConfig | None) -> None:
+    log(mlflow_client, decision.run_id,
+        params={"action": decision.action, "model_name": decision.model_name,
+                "candidate_version": decision.candidate or "", "production_version": decision.production or "none",
+                "reason": params.reason or "", "requested_version": params.version or "",
+                **({f"config.{k}": v for k, v in config.__dict__.items()} if config else {})},
+        metrics={**decision.metrics, "passed": float(decision.passed)},
+        tags={"decision": _decision(decision), "passed": str(decision.passed).lower(),
+              "reasons": "\n".join(decision.reasons),
+              **{f"check.{c.name}": ("pass: " if c.passed else "FAIL: ") + c.detail for c in decision.checks}})
+    with tempfile.TemporaryDirectory(prefix="gate-result-") as tmp:
+        path = Path(tmp) / RESULT_FILE
+        path.write_text(json.dumps(decision.to_dict(), indent=2) + "\n")
+        mlflow_client.log_artifact(decision.run_id, str(path))
+
+
+def _write_result(output_dir: Path, decision: GateDecision) -> None:
+    output_dir.mkdir(parents=True, exist_ok=True)
+    tmp = output_dir / f".{RESULT_FILE}.tmp"
+    tmp.write_text(json.dumps(decision.to_dict(), indent=2) + "\n")
+    tmp.replace(output_dir / RESULT_FILE)
+
+
+def _fail_run(mlflow_client, run_id: str, exc: BaseException) -> None:
+    try:
+        mlflow_client.set_tag(run_id, "decision", "error")
+        mlflow_client.set_tag(run_id, "error", (str(exc).strip() or type(exc).__name__)[:4900])
+        mlflow_client.set_terminated(run_id, "FAILED")
+    except Exception:  # noqa: S110 - the original error is what the caller must see
+        pass
+
+
+# --- CLI ---------------------------------------------------------------------------------------------
+
+
+def _bool(text: str) -> bool:
+    lowered = str(text).strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("", "0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"{text!r} is not a boolean (true/false)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m monitoring.gate", description=__doc__.splitlines()[0],
+                                     epilog="exit codes: 0 promoted or rolled back, 3 refused, 2 bad arguments or "
+                                            "nothing to decide, 1 the gate could not run")
+    parser.add_argument("--version", default=None, help="candidate version (default: the newest Staging version)")
+    parser.add_argument("--reason", default=None, help="promote without a drift run: scheduled or manual")
+    parser.add_argument("--rollback", type=_bool, default=False, help="true: restore the previous Production version")
+    parser.add_argument("--model-name", "--model_name", dest="model_name", default=None,
+                        help="registered model (default: MODEL_NAME)")
+    parser.add_argument("--config", type=Path, default=None, help="promotion config (default: PROMOTION_CONFIG)")
+    parser.add_argument("--reference-file", "--reference_file", dest="reference_file", type=Path, default=None,
+                        help="drift reference file to refresh (default: DRIFT_REFERENCE)")
+    parser.add_argument("--output-dir", "--output_dir", dest="output_dir", type=Path, default=Path(),
+                        help="where promotion_result.json is written")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    params = GateParams(version=(args.version or "").strip() or None, reason=(args.reason or "").strip() or None,
+                        rollback=args.rollback, model_name=args.model_name, config=args.config,
+                        reference_file=args.reference_file, output_dir=args.output_dir)
+    try:
+        decision = promote(params)
+    except GateUsageError as exc:
+        print(f"gate: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except (GateError, ReferenceError, MlflowException) as exc:
+        print(f"gate: could not decide: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    except Exception as exc:
+        traceback.print_exc()
+        print(f"gate: failed unexpectedly: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    verb = _decision(decision).upper().replace("_", " ")
+    before = decision.production or "none"
+    print(f"gate: {verb}: {decision.model_name} v{decision.candidate} (Production before: v{before}); "
+          f"MLflow run {decision.run_id} (experiment {registry.PROMOTION_EXPERIMENT})")
+    for check in decision.checks:
+        print(f"  [{'pass' if check.passed else 'FAIL'}] {check.name}: {check.detail}")
+    for note in decision.notes:
+        print(f"  note: {note}")
+    for metric in COMPARED:
+        cand, prod = decision.metrics.get(f"candidate.{metric}"), decision.metrics.get(f"production.{metric}")
+        if cand is not None:
+            print(f"  {metric}: candidate {cand:.4f}" + (f", production {prod:.4f}" if prod is not None else ""))
+    return decision.exit_code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,103 @@
+"""Reading a drift window from the request log: the newest rows and/or those since a time.
+
+A separate module so that the parallel reader's worker function is importable by name (it must
+be, to reach a forked worker), also when the drift check runs as `python -m monitoring.drift`.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from common.store import RequestStore, StoreUnavailable
+
+PARALLEL_MIN_ROWS = 200_000
+MAX_READERS = 4
+
+
+class WindowReadError(RuntimeError):
+    """The request log cannot be read."""
+
+
+@dataclass(frozen=True)
+class Window:
+    """The newest `last_n` rows (None: no limit), of those logged at or after `since_ts` (None: any)."""
+
+    last_n: int | None
+    since_ts: float | None
+    description: str
+
+
+def _read_shard(job: tuple) -> np.ndarray:
+    location, columns, last_n, since_ts, model_version, not_null, shard = job
+    store = RequestStore(location, create=False)
+    try:
+        return store.read_columns(columns, last_n=last_n, since_ts=since_ts, model_version=model_version,
+                                  not_null=not_null, shard=shard)
+    finally:
+        store.dispose()
+
+
+class PendingWindow:
+    """A window being read in the background by forked readers; `result()` waits for it.
+
+    Started before the check loads its reference and builds its detector, so that work overlaps
+    the read. `close()` stops the readers if the result is never collected.
+    """
+
+    def __init__(self, jobs: list[tuple], workers: int):
+        self._jobs = jobs
+        self._pool = multiprocessing.get_context("fork").Pool(workers) if workers > 1 else None
+        self._async = self._pool.map_async(_read_shard, jobs) if self._pool else None
+
+    def result(self) -> np.ndarray:
+        """The (len(columns), rows) float32 array.
+
+        Raises:
+            WindowReadError: the request log cannot be read.
+        """
+        try:
+            parts = self._async.get() if self._async is not None else [_read_shard(self._jobs[0])]
+        except StoreUnavailable as exc:
+            raise WindowReadError(str(exc)) from None
+        finally:
+            self.close()
+        return np.concatenate(parts, axis=1) if len(parts) > 1 else parts[0]
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.terminate()
+            self._pool.join()
+            self._pool = None
+
+
+def start_reading(location: str, columns: Sequence[str], window: Window, *, model_version: str | None = None,
+                  not_null: Sequence[str] = ()) -> PendingWindow:
+    """Start reading the window's columns; rows come back in no particular order.
+
+    Large windows (no row limit, or at least PARALLEL_MIN_ROWS) are read by one forked process
+    per core (at most MAX_READERS), each converting the rows of one id shard: the driver's
+    per-value work is the bulk of a million-row check, and it parallelises. Small windows are read
+    in this process when the result is asked for.
+    """
+    workers = min(os.cpu_count() or 1, MAX_READERS)
+    parallel = workers > 1 and (window.last_n is None or window.last_n >= PARALLEL_MIN_ROWS) \
+        and "fork" in multiprocessing.get_all_start_methods()
+    shards = [(k, workers) for k in range(workers)] if parallel else [None]
+    jobs = [(location, list(columns), window.last_n, window.since_ts, model_version, tuple(not_null), shard)
+            for shard in shards]
+    return PendingWindow(jobs, workers if parallel else 1)
+
+
+def read_window(location: str, columns: Sequence[str], window: Window, *, model_version: str | None = None,
+                not_null: Sequence[str] = ()) -> np.ndarray:
+    """`start_reading(...).result()`: the window's columns as a float32 (len(columns), rows) array.
+
+    Raises:
+        WindowReadError: the request log cannot be read.
+    """
+    return start_reading(location, columns, window, model_version=model_version, not_null=not_null).result()

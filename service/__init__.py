@@ -1,0 +1,1 @@
+"""The fraud-scoring HTTP service: Flask app factory, gunicorn config and launcher."""

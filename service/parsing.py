@@ -1,0 +1,388 @@
+"""Request bodies to feature arrays, with a message for every way a body can be wrong.
+
+Pure functions over already-decoded JSON (plus `parse_json` for the bytes): no Flask, no model, no
+database. Rows and records are numbered from 0, as they are indexed in the body.
+
+Accepted values are JSON numbers within ±FEATURE_LIMIT; booleans, strings, null, NaN and ±Infinity
+are refused. Raw `Amount` (records and named columns only) is turned into `Amount_scaled` with the
+stored feature config, exactly as training did.
+"""
+
+from __future__ import annotations
+
+import gc
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import orjson
+
+from common.features import AmountScaler
+from common.schema import FEATURES, N_FEATURES
+from service.errors import ApiError, invalid
+
+# Far beyond any real feature (PCA components and scaled amounts are within a few hundred) and
+# well inside float32, which the ONNX model computes in.
+FEATURE_LIMIT = 1e9
+V_FEATURES = FEATURES[:-1]
+SCALED = FEATURES[-1]
+RAW_AMOUNT = "Amount"
+NAMED_COLUMNS = (*FEATURES, RAW_AMOUNT)
+INVOCATION_FORMATS = ("dataframe_split", "dataframe_records", "instances", "inputs")
+MAX_REQUEST_ID_LENGTH = 64
+
+_NUMBER_TYPES = frozenset({int, float})
+_NON_FINITE_LITERALS = (b"NaN", b"Infinity", b"-Infinity", b"nan", b"inf", b"-inf")
+
+ScalerSource = Callable[[], AmountScaler]
+
+
+@dataclass(frozen=True)
+class Batch:
+    """Rows ready to score: X is (n, 29) float64 in FEATURES order; `amount` holds the raw Amount
+    per row where the client gave it (NaN elsewhere), or is None when no row did."""
+
+    X: np.ndarray
+    amount: np.ndarray | None = None
+
+    def __len__(self) -> int:
+        return self.X.shape[0]
+
+
+def parse_json(body: bytes) -> object:
+    """Decode a request body.
+
+    Raises:
+        ApiError: malformed_json, saying where the body stops being JSON.
+    """
+    if not body:
+        raise ApiError("malformed_json", "the request body is empty; expected a JSON object")
+    try:
+        return _loads_without_gc(body)
+    except orjson.JSONDecodeError as exc:
+        position = exc.pos if isinstance(exc.pos, int) else 0
+        if body[position:position + 9].startswith(_NON_FINITE_LITERALS):
+            raise ApiError("malformed_json", f"NaN and Infinity are not JSON numbers (at character {position}); "
+                                             "every value must be a finite number") from None
+        if "infinity" in str(exc):
+            raise ApiError("malformed_json", f"a number is too large to be finite ({exc}); values must be within "
+                                             f"±{FEATURE_LIMIT:g}") from None
+        raise ApiError("malformed_json", f"the body is not valid JSON: {exc}") from None
+
+
+def _loads_without_gc(body: bytes) -> object:
+    """orjson.loads with the cycle collector paused.
+
+    A body within MAX_BODY_BYTES can hold about a million small arrays (`[[],[],...]`). Each one
+    counts as a new container for the collector, which would otherwise run hundreds of full
+    collections over the worker's whole heap (MLflow, scikit-learn) while decoding: seconds of CPU
+    for one 4 MB request (tests/reliability, hostile inputs). Decoded JSON is a tree, never a cycle,
+    so reference counting frees it and nothing is left for the collector to find.
+    """
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        return orjson.loads(body)
+    finally:
+        if enabled:
+            gc.enable()
+
+
+# --- /predict -----------------------------------------------------------------------------------------
+
+
+def predict_batch(payload: object, *, max_rows: int, scaler: ScalerSource) -> Batch:
+    """The original body `{"data": [[29 numbers], ...]}` or `{"records": [{"V1": ..., ...}, ...]}`.
+
+    Raises:
+        ApiError: invalid_input, too_many_rows, or feature_config_unavailable (raw Amount given
+            but no stored scaler).
+    """
+    if type(payload) is not dict:
+        raise invalid(f"the body is {_kind(payload)}; expected a JSON object with 'data' (rows of {N_FEATURES} "
+                      "numbers) or 'records' (objects keyed by feature name)")
+    _no_unknown_keys(payload, ("data", "records"), "the body")
+    if "data" in payload and "records" in payload:
+        raise invalid("give either 'data' or 'records', not both")
+    if "data" in payload:
+        return Batch(rows_array(payload["data"], "data", max_rows=max_rows))
+    if "records" in payload:
+        return records_batch(payload["records"], "records", max_rows=max_rows, scaler=scaler)
+    raise invalid(f"the body has no 'data' (rows of {N_FEATURES} numbers) and no 'records'")
+
+
+# --- /invocations (MLflow's scoring protocol) ----------------------------------------------------------
+
+
+def invocations_batch(payload: object, *, max_rows: int, scaler: ScalerSource) -> Batch:
+    """MLflow's scoring-server JSON: exactly one of dataframe_split, dataframe_records, instances,
+    inputs; an optional `params` object is accepted and ignored (the model takes no parameters).
+
+    Raises:
+        ApiError: as `predict_batch`.
+    """
+    formats = ", ".join(repr(f) for f in INVOCATION_FORMATS)
+    if type(payload) is not dict:
+        raise invalid(f"the body is {_kind(payload)}; expected a JSON object with one of {formats}")
+    _no_unknown_keys(payload, (*INVOCATION_FORMATS, "params"), "the body")
+    given = [f for f in INVOCATION_FORMATS if f in payload]
+    if len(given) != 1:
+        found = f"got {', '.join(repr(g) for g in given)}" if given else "got none"
+        raise invalid(f"give exactly one of {formats}; {found}")
+    if "params" in payload and type(payload["params"]) is not dict:
+        raise invalid(f"'params' is {_kind(payload['params'])}; expected an object")
+    name = given[0]
+    value = payload[name]
+    if name == "dataframe_split":
+        return _dataframe_split(value, max_rows, scaler)
+    if name == "dataframe_records":
+        return records_batch(value, name, max_rows=max_rows, scaler=scaler)
+    # instances / inputs: rows or records. The columnar form ({"V1": [...], ...}) is refused: its
+    # columns' equal lengths cannot be stated in the OpenAPI schema, which must match exactly.
+    if type(value) is dict:
+        raise invalid(f"'{name}' is an object; send an array of rows of {N_FEATURES} numbers or an array of "
+                      "records (the columnar form is not accepted)")
+    if type(value) is list and value and type(value[0]) is dict:
+        return records_batch(value, name, max_rows=max_rows, scaler=scaler)
+    return Batch(rows_array(value, name, max_rows=max_rows))
+
+
+def _dataframe_split(value: object, max_rows: int, scaler: ScalerSource) -> Batch:
+    if type(value) is not dict:
+        raise invalid(f"'dataframe_split' is {_kind(value)}; expected an object with 'columns' and 'data'")
+    _no_unknown_keys(value, ("columns", "data", "index"), "'dataframe_split'")
+    if "data" not in value:
+        raise invalid("'dataframe_split' has no 'data'")
+    if "index" in value and type(value["index"]) is not list:
+        raise invalid(f"'dataframe_split.index' is {_kind(value['index'])}; expected an array")
+    if "columns" not in value:
+        return Batch(rows_array(value["data"], "dataframe_split.data", max_rows=max_rows))
+    columns = _column_names(value["columns"], "dataframe_split.columns")
+    X = rows_array(value["data"], "dataframe_split.data", max_rows=max_rows, names=columns)
+    return _reorder(X, columns, scaler)
+
+
+def _column_names(columns: object, field: str) -> tuple[str, ...]:
+    if type(columns) is not list or not all(type(c) is str for c in columns):
+        raise invalid(f"{field} must be an array of column names")
+    if len(set(columns)) != len(columns):
+        duplicate = next(c for c in columns if columns.count(c) > 1)
+        raise invalid(f"{field} names {duplicate!r} more than once")
+    unknown = [c for c in columns if c not in NAMED_COLUMNS]
+    if unknown:
+        raise invalid(f"{field} has unknown column {unknown[0]!r}; expected V1..V28 and Amount_scaled or Amount")
+    missing = [c for c in V_FEATURES if c not in columns]
+    if missing:
+        raise invalid(f"{field} is missing {_names(missing)}")
+    if SCALED in columns and RAW_AMOUNT in columns:
+        raise invalid(f"{field} gives both 'Amount' and 'Amount_scaled'; give one")
+    if SCALED not in columns and RAW_AMOUNT not in columns:
+        raise invalid(f"{field} is missing 'Amount_scaled' (or the raw 'Amount')")
+    return tuple(columns)
+
+
+def _reorder(X: np.ndarray, columns: tuple[str, ...], scaler: ScalerSource) -> Batch:
+    amount_column = SCALED if SCALED in columns else RAW_AMOUNT
+    order = [columns.index(c) for c in (*V_FEATURES, amount_column)]
+    X = X[:, order]
+    if amount_column == SCALED:
+        return Batch(X)
+    amount = X[:, -1].copy()
+    X[:, -1] = scaler().transform(amount)
+    return Batch(X, amount)
+
+
+# --- shared: rows and records -------------------------------------------------------------------------
+
+
+def rows_array(rows: object, field: str, *, max_rows: int, names: tuple[str, ...] = FEATURES) -> np.ndarray:
+    """Validate an array of rows of len(names) numbers and return it as float64 (n, len(names)).
+
+    Raises:
+        ApiError: invalid_input naming the first bad row and value, or too_many_rows.
+    """
+    _check_count(rows, field, max_rows, f"rows of {len(names)} numbers")
+    width = len(names)
+    # Fast path: row lengths, then one pass over the types, one conversion. Anything odd falls through
+    # to _explain_rows, which names the first problem; a row of a million values (a 4 MB body) is
+    # refused there on its length, without touching its values.
+    if all(type(row) is list and len(row) == width for row in rows) \
+            and {type(v) for row in rows for v in row} <= _NUMBER_TYPES:
+        try:
+            X = np.array(rows, dtype=np.float64)
+        except (ValueError, OverflowError):
+            X = None
+        if X is not None and X.ndim == 2 and X.shape[1] == width:
+            _check_range(X, lambda i, j: f"row {i}, value {j} ({names[j]})")
+            return X
+    raise _explain_rows(rows, field, names)
+
+
+def records_batch(records: object, field: str, *, max_rows: int, scaler: ScalerSource) -> Batch:
+    """Validate records keyed by feature name (V1..V28 and Amount_scaled or raw Amount).
+
+    Raises:
+        ApiError: invalid_input naming the first bad record and field, too_many_rows, or
+            feature_config_unavailable.
+    """
+    _check_count(records, field, max_rows, "objects keyed by feature name")
+    rows: list[list] = []
+    raw_rows: list[int] = []
+    for i, record in enumerate(records):
+        if type(record) is not dict or len(record) != N_FEATURES:
+            raise _explain_record(record, i)
+        try:
+            row = [record[name] for name in V_FEATURES]
+        except KeyError:
+            raise _explain_record(record, i) from None
+        if SCALED in record:
+            row.append(record[SCALED])
+        elif RAW_AMOUNT in record:
+            row.append(record[RAW_AMOUNT])
+            raw_rows.append(i)
+        else:
+            raise _explain_record(record, i)
+        rows.append(row)
+    raw = set(raw_rows)
+
+    def field_name(i: int, j: int) -> str:
+        return V_FEATURES[j] if j < len(V_FEATURES) else (RAW_AMOUNT if i in raw else SCALED)
+
+    if not {type(v) for row in rows for v in row} <= _NUMBER_TYPES:
+        for i, row in enumerate(rows):
+            for j, v in enumerate(row):
+                if type(v) not in _NUMBER_TYPES:
+                    raise invalid(f"record {i} field {field_name(i, j)!r} is {_kind(v)}, expected a number")
+    X = np.array(rows, dtype=np.float64)
+    _check_range(X, lambda i, j: f"record {i} field {field_name(i, j)!r}")
+    if not raw_rows:
+        return Batch(X)
+    amount = np.full(len(rows), np.nan)
+    amount[raw_rows] = X[raw_rows, -1]
+    X[raw_rows, -1] = scaler().transform(amount[raw_rows])
+    return Batch(X, amount)
+
+
+def _check_count(items: object, field: str, max_rows: int, what: str) -> None:
+    if type(items) is not list:
+        raise invalid(f"'{field}' is {_kind(items)}; expected an array of {what}")
+    if not items:
+        raise invalid(f"'{field}' is empty; send at least one row")
+    if len(items) > max_rows:
+        raise ApiError("too_many_rows", f"'{field}' has {len(items)} rows; at most {max_rows} (MAX_ROWS) are "
+                                        "accepted per request")
+
+
+def _check_range(X: np.ndarray, where: Callable[[int, int], str]) -> None:
+    # Comparisons are False for NaN, so NaN and ±inf fail both checks. Small inputs (the common
+    # single row) are checked faster in plain Python than through numpy's per-call overhead.
+    if X.size <= 128:
+        if all(-FEATURE_LIMIT <= v <= FEATURE_LIMIT for v in X.ravel().tolist()):
+            return
+    elif (np.abs(X) <= FEATURE_LIMIT).all():
+        return
+    ok = np.abs(X) <= FEATURE_LIMIT
+    i, j = (int(k) for k in np.argwhere(~ok)[0])
+    value = X[i, j]
+    if not np.isfinite(value):
+        raise invalid(f"{where(i, j)} is {value}, expected a finite number")
+    raise invalid(f"{where(i, j)} is {value:g}, outside the accepted range [-{FEATURE_LIMIT:g}, {FEATURE_LIMIT:g}]")
+
+
+def _explain_rows(rows: list, field: str, names: tuple[str, ...]) -> ApiError:
+    width = len(names)
+    for i, row in enumerate(rows):
+        if type(row) is not list:
+            return invalid(f"row {i} of '{field}' is {_kind(row)}, expected an array of {width} numbers")
+        if len(row) != width:
+            return invalid(f"row {i} has {len(row)} values, expected {width}")
+        for j, value in enumerate(row):
+            if type(value) not in _NUMBER_TYPES:
+                return invalid(f"row {i}, value {j} ({names[j]}) is {_kind(value)}, expected a number")
+    return invalid(f"'{field}' must be an array of rows of {width} numbers")  # pragma: no cover - defensive
+
+
+def _explain_record(record: object, i: int) -> ApiError:
+    if type(record) is not dict:
+        return invalid(f"record {i} is {_kind(record)}, expected an object keyed by feature name")
+    unknown = [k for k in record if k not in NAMED_COLUMNS]
+    if unknown:
+        return invalid(f"record {i} has unknown field {unknown[0]!r}; expected V1..V28 and Amount_scaled or Amount")
+    missing = [k for k in V_FEATURES if k not in record]
+    if missing:
+        return invalid(f"record {i} is missing {_names(missing)}")
+    if SCALED in record and RAW_AMOUNT in record:
+        return invalid(f"record {i} gives both 'Amount' and 'Amount_scaled'; give one")
+    return invalid(f"record {i} is missing 'Amount_scaled' (or the raw 'Amount')")
+
+
+# --- /feedback -----------------------------------------------------------------------------------------
+
+
+def feedback_labels(payload: object, *, max_items: int) -> dict[str, int]:
+    """`{"labels": [{"request_id": "...", "is_fraud": true}, ...]}` -> {request_id: 0/1}.
+
+    is_fraud is a boolean or 0/1. When an id appears more than once, its last label counts.
+
+    Raises:
+        ApiError: invalid_input naming the first bad item, or too_many_rows.
+    """
+    if type(payload) is not dict:
+        raise invalid(f"the body is {_kind(payload)}; expected a JSON object with 'labels'")
+    _no_unknown_keys(payload, ("labels",), "the body")
+    if "labels" not in payload:
+        raise invalid("the body has no 'labels' (an array of {\"request_id\", \"is_fraud\"} objects)")
+    items = payload["labels"]
+    _check_count(items, "labels", max_items, "{\"request_id\", \"is_fraud\"} objects")
+    labels: dict[str, int] = {}
+    for i, item in enumerate(items):
+        if type(item) is not dict:
+            raise invalid(f"label {i} is {_kind(item)}, expected an object with 'request_id' and 'is_fraud'")
+        _no_unknown_keys(item, ("request_id", "is_fraud"), f"label {i}")
+        request_id, is_fraud = item.get("request_id"), item.get("is_fraud")
+        if type(request_id) is not str or not 1 <= len(request_id) <= MAX_REQUEST_ID_LENGTH:
+            raise invalid(f"label {i} 'request_id' is {_kind(request_id)}; expected a string of 1 to "
+                          f"{MAX_REQUEST_ID_LENGTH} characters, as /predict returned it")
+        if type(is_fraud) is bool:
+            labels[request_id] = int(is_fraud)
+        elif type(is_fraud) in _NUMBER_TYPES and is_fraud in (0, 1):
+            labels[request_id] = int(is_fraud)
+        else:
+            raise invalid(f"label {i} 'is_fraud' is {_kind(is_fraud)}; expected true, false, 0 or 1")
+    return labels
+
+
+# --- helpers -------------------------------------------------------------------------------------------
+
+
+def _no_unknown_keys(obj: dict, allowed: tuple[str, ...], where: str) -> None:
+    for key in obj:
+        if key not in allowed:
+            expected = ", ".join(repr(a) for a in allowed)
+            raise invalid(f"{where} has unknown field {_clip(key)!r}; expected {expected}")
+
+
+def _kind(value: object) -> str:
+    """How a JSON value reads in a message: 'a string', 'null', 'true', 'an array', ..."""
+    if value is None:
+        return "null"
+    if value is True or value is False:
+        return f"{str(value).lower()} (a boolean)"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, list):
+        return "an array"
+    if isinstance(value, dict):
+        return "an object"
+    if isinstance(value, int | float):
+        return f"the number {value!r}"
+    return type(value).__name__  # pragma: no cover - JSON has no other types
+
+
+def _clip(text: str, limit: int = 40) -> str:
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _names(names: list[str], limit: int = 5) -> str:
+    shown = ", ".join(repr(n) for n in names[:limit])
+    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")

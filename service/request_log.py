@@ -1,0 +1,124 @@
+"""The request log: every scored row, committed before the client hears it was scored.
+
+Rows go to the `requests` table through `common.store.RequestStore` (SQLite at LATEST_DB by
+default, or a SQLAlchemy URL such as PostgreSQL for several replicas), in one transaction per
+request, with bounded retries. If the write still fails the caller answers 503
+`request_log_unavailable` and counts the failure: there is deliberately no write-behind buffer, so
+a response that carries scores always means the rows are in the table (monitoring and retraining
+see exactly what clients saw), and an outage is loud rather than a silent gap or a buffer lost with
+the worker.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+
+import numpy as np
+import sqlalchemy as sa
+
+from common.schema import FEATURES
+from common.store import FeedbackResult, RequestStore, StoreUnavailable, describe
+from service.parsing import Batch
+from service.scoring import Predictions
+
+log = logging.getLogger("service.request_log")
+
+COLUMNS = ("request_id", "ts", *FEATURES, "Amount", "score", "decision", "threshold", "model_name", "model_version")
+# With the busy timeout inside each attempt, a locked SQLite file gets about 3 x 5 s before a 503.
+WRITE_RETRIES = 2
+
+
+def row_ids(request_id: str, n: int) -> list[str]:
+    """The per-row ids of one request: `<request id>-<row index>`."""
+    return [f"{request_id}-{i}" for i in range(n)]
+
+
+class RequestLog:
+    """One store per process (database engines do not survive fork), created on first use."""
+
+    def __init__(self, location: str):
+        self.location = location
+        self._store: RequestStore | None = None
+        self._pid: int | None = None
+        self._lock = threading.Lock()
+        self.last_error: str | None = None
+        self.last_error_at: float | None = None
+
+    def store(self) -> RequestStore:
+        """The process's store, creating the table on first use.
+
+        Raises:
+            StoreUnavailable: the database cannot be reached or the table cannot be created.
+        """
+        store = self._store
+        if store is not None and self._pid == os.getpid():
+            return store
+        with self._lock:
+            if self._store is None or self._pid != os.getpid():
+                self._store, self._pid = self._open(), os.getpid()
+            return self._store
+
+    def _open(self) -> RequestStore:
+        last: Exception | None = None
+        for attempt in range(3):
+            try:
+                return RequestStore(self.location)
+            except sa.exc.SQLAlchemyError as exc:
+                # Several workers may create the table at the same moment; one wins, the others retry.
+                last = exc
+                time.sleep(0.05 * (attempt + 1))
+        raise StoreUnavailable(f"request log {describe(self.location)} cannot be opened: "
+                               f"{str(getattr(last, 'orig', last)).splitlines()[0][:200]}")
+
+    def record(self, request_id: str, batch: Batch, predictions: Predictions, ts: float | None = None) -> list[str]:
+        """Commit one row per scored row and return their ids.
+
+        Raises:
+            StoreUnavailable: nothing was written after bounded retries.
+        """
+        ids = row_ids(request_id, len(batch))
+        ts = time.time() if ts is None else ts
+        features = batch.X.tolist()
+        if batch.amount is None:
+            amounts = [None] * len(ids)
+        else:
+            amounts = [None if np.isnan(a) else a for a in batch.amount.tolist()]
+        scores = predictions.probabilities.tolist()
+        decisions = predictions.is_fraud.astype(np.int8).tolist()
+        threshold, name, version = predictions.threshold, predictions.model_name, predictions.model_version
+        rows = [(rid, ts, *row, amount, score, decision, threshold, name, version)
+                for rid, row, amount, score, decision in zip(ids, features, amounts, scores, decisions, strict=True)]
+        try:
+            self.store().insert_values(COLUMNS, rows, retries=WRITE_RETRIES)
+        except StoreUnavailable as exc:
+            self._failed(exc)
+            raise
+        self.last_error = None
+        return ids
+
+    def feedback(self, labels: dict[str, int]) -> FeedbackResult:
+        """Attach true labels to logged rows.
+
+        Raises:
+            StoreUnavailable: after bounded retries.
+        """
+        try:
+            return self.store().record_feedback(labels, retries=WRITE_RETRIES)
+        except StoreUnavailable as exc:
+            self._failed(exc)
+            raise
+
+    def _failed(self, exc: Exception) -> None:
+        self.last_error, self.last_error_at = str(exc), time.time()
+
+    def status(self) -> dict:
+        return {"location": describe(self.location), "last_error": self.last_error,
+                "last_error_at": self.last_error_at}
+
+    def dispose(self) -> None:
+        if self._store is not None:
+            self._store.dispose()
+            self._store = None

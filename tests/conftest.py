@@ -1,0 +1,231 @@
+"""Shared fixtures: real MLflow stores, reference data and a tiny trained model, real PostgreSQL.
+
+Everything is built for real and cheaply: a SQLite MLflow store under tmp_path, a few thousand
+generated rows imported with the project's own importer (fraud rate 0.02, so a 15-tree forest is
+meaningful), and a model trained and registered by `training.train.train`.
+
+Environment handling is explicit. Session fixtures set variables only inside
+`pytest.MonkeyPatch.context()` while they build, and hand back an `env` dict; a test that wants
+the variables applies them with its own `monkeypatch` (or the `use_env` helper fixture), so
+nothing leaks from one test to another.
+
+Fixtures:
+    reference_data      session: ReferenceData (db, csv, feature_config, rows, frauds, env()).
+    mlflow_store        session: MlflowStore (tracking_uri, artifact_root, env()); shared, so tests
+                        that move stages should use `make_mlflow_store` instead.
+    trained_model       session: TrainedModel registered in `mlflow_store` (name, version, run_id,
+                        threshold, result, env()), stage Staging, alias challenger.
+    make_mlflow_store   function: factory, () -> a fresh MlflowStore under tmp_path.
+    train_tiny_model    function: factory, (store, data=reference_data, **TrainParams fields) ->
+                        TrainedModel; trains and registers with the env scoped to the call.
+    use_env             function: (dict) -> None; applies an env dict through monkeypatch.
+    postgres_url        function: a fresh, uniquely named PostgreSQL database URL, dropped after;
+                        skipped when PostgreSQL is unreachable unless REQUIRE_POSTGRES=1 (fails).
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+TINY_ROWS = 3_000
+TINY_FRAUD_RATE = 0.02
+TINY_TREES = 15
+TEST_MODEL_NAME = "fraud-detector"
+POSTGRES_HOST = "127.0.0.1"
+POSTGRES_PORT = 5432
+
+
+@dataclass(frozen=True)
+class MlflowStore:
+    root: Path
+    tracking_uri: str
+    artifact_root: Path
+
+    def env(self) -> dict[str, str]:
+        return {"MLFLOW_TRACKING_URI": self.tracking_uri, "MLFLOW_ARTIFACT_ROOT": str(self.artifact_root)}
+
+    def client(self):
+        from common.registry import client
+
+        return client(self.tracking_uri)
+
+
+@dataclass(frozen=True)
+class ReferenceData:
+    root: Path
+    csv: Path
+    db: Path
+    feature_config: Path
+    rows: int
+    frauds: int
+
+    def env(self) -> dict[str, str]:
+        return {"REFERENCE_DB": str(self.db), "FEATURE_CONFIG": str(self.feature_config)}
+
+
+@dataclass(frozen=True)
+class TrainedModel:
+    store: MlflowStore
+    data: ReferenceData
+    name: str
+    version: str
+    run_id: str
+    threshold: float
+    result: object = field(repr=False)
+
+    @property
+    def uri(self) -> str:
+        return f"models:/{self.name}/{self.version}"
+
+    def env(self) -> dict[str, str]:
+        return {**self.store.env(), **self.data.env(), "MODEL_NAME": self.name}
+
+
+def new_mlflow_store(root: Path) -> MlflowStore:
+    root.mkdir(parents=True, exist_ok=True)
+    return MlflowStore(root, f"sqlite:///{root / 'mlflow.db'}", root / "mlruns")
+
+
+def build_reference_data(root: Path, rows: int = TINY_ROWS, fraud_rate: float = TINY_FRAUD_RATE,
+                         seed: int = 7) -> ReferenceData:
+    """Generate a CSV and import it with the project's importer into a fresh reference DB."""
+    from training.generate import generate
+    from training.import_csv import import_csv
+
+    root.mkdir(parents=True, exist_ok=True)
+    csv, db, config = root / "creditcard.csv", root / "reference_data.db", root / "feature_config.json"
+    generated = generate(rows=rows, seed=seed, out=csv, fraud_rate=fraud_rate)
+    import_csv(csv, str(db), config)
+    return ReferenceData(root, csv, db, config, generated.rows, generated.frauds)
+
+
+def train_model(store: MlflowStore, data: ReferenceData, *, extra_env: dict[str, str] | None = None,
+                **overrides) -> TrainedModel:
+    """Train and register a tiny model with `training.train.train`; env set only during the call.
+
+    `requests` defaults to "none" (LATEST_DB is ignored) unless given.
+    """
+    from training.train import TrainParams, train
+
+    fields = {"data": str(data.db), "requests": "none", "n_estimators": TINY_TREES, "model_name": TEST_MODEL_NAME,
+              "min_train_frauds": 10, "min_eval_frauds": 5, "n_jobs": 1, **overrides}
+    env = {**store.env(), **data.env(), **(extra_env or {})}
+    with pytest.MonkeyPatch.context() as mp:
+        for key, value in env.items():
+            mp.setenv(key, value)
+        mp.delenv("MLFLOW_RUN_ID", raising=False)
+        result = train(TrainParams(**fields), progress=lambda _line: None)
+    return TrainedModel(store, data, result.model_name, result.version, result.run_id, result.threshold, result)
+
+
+@pytest.fixture(scope="session")
+def reference_data(tmp_path_factory) -> ReferenceData:
+    return build_reference_data(tmp_path_factory.mktemp("reference"))
+
+
+@pytest.fixture(scope="session")
+def mlflow_store(tmp_path_factory) -> MlflowStore:
+    return new_mlflow_store(tmp_path_factory.mktemp("mlflow"))
+
+
+@pytest.fixture(scope="session")
+def trained_model(mlflow_store, reference_data) -> TrainedModel:
+    return train_model(mlflow_store, reference_data)
+
+
+@pytest.fixture
+def make_mlflow_store(tmp_path) -> Callable[[], MlflowStore]:
+    counter = iter(range(1_000_000))
+    return lambda: new_mlflow_store(tmp_path / f"mlflow-{next(counter)}")
+
+
+@pytest.fixture
+def train_tiny_model(reference_data) -> Callable[..., TrainedModel]:
+    def factory(store: MlflowStore, data: ReferenceData | None = None, **overrides) -> TrainedModel:
+        return train_model(store, data or reference_data, **overrides)
+    return factory
+
+
+@pytest.fixture
+def use_env(monkeypatch) -> Callable[[dict[str, str]], None]:
+    def apply(env: dict[str, str]) -> None:
+        for key, value in env.items():
+            monkeypatch.setenv(key, value)
+    return apply
+
+
+# --- PostgreSQL -----------------------------------------------------------------------------------
+
+
+def _postgres_admin_url() -> str | None:
+    """A reachable admin URL (users postgres, then root), or None."""
+    import psycopg
+
+    for user in ("postgres", "root"):
+        url = f"postgresql://{user}@{POSTGRES_HOST}:{POSTGRES_PORT}/postgres"
+        try:
+            with psycopg.connect(url, connect_timeout=3):
+                return url
+        except psycopg.Error:
+            continue
+    return None
+
+
+@pytest.fixture
+def postgres_url() -> Iterator[str]:
+    """A fresh PostgreSQL database (postgresql://user@127.0.0.1:5432/test_<random>), dropped afterwards."""
+    import psycopg
+
+    admin = _postgres_admin_url()
+    if admin is None:
+        reason = f"PostgreSQL is not reachable at {POSTGRES_HOST}:{POSTGRES_PORT} (users postgres, root)"
+        if os.environ.get("REQUIRE_POSTGRES") == "1":
+            pytest.fail(f"{reason}, and REQUIRE_POSTGRES=1")
+        pytest.skip(reason)
+    name = f"test_{uuid.uuid4().hex[:16]}"
+    with psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    try:
+        yield admin.rsplit("/", 1)[0] + f"/{name}"
+    finally:
+        with psycopg.connect(admin, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture
+def make_postgres_url() -> Iterator[Callable[[str], str]]:
+    """Factory for several fresh databases in one test: `make_postgres_url("tracking")` returns
+    postgresql://user@127.0.0.1:5432/test_<random>_tracking; every one is dropped afterwards.
+    Skipped (or failed, with REQUIRE_POSTGRES=1) like `postgres_url`."""
+    import psycopg
+
+    admin = _postgres_admin_url()
+    if admin is None:
+        reason = f"PostgreSQL is not reachable at {POSTGRES_HOST}:{POSTGRES_PORT} (users postgres, root)"
+        if os.environ.get("REQUIRE_POSTGRES") == "1":
+            pytest.fail(f"{reason}, and REQUIRE_POSTGRES=1")
+        pytest.skip(reason)
+    prefix = f"test_{uuid.uuid4().hex[:12]}"
+    created: list[str] = []
+
+    def create(label: str) -> str:
+        if not label.isidentifier():
+            raise ValueError(f"database label {label!r} must be an identifier")
+        name = f"{prefix}_{label}"
+        with psycopg.connect(admin, autocommit=True) as conn:
+            conn.execute(f'CREATE DATABASE "{name}"')
+        created.append(name)
+        return admin.rsplit("/", 1)[0] + f"/{name}"
+
+    try:
+        yield create
+    finally:
+        with psycopg.connect(admin, autocommit=True) as conn:
+            for name in created:
+                conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')

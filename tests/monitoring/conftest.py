@@ -1,0 +1,90 @@
+"""Fixtures for monitoring: reference databases and request logs built from the drift simulator."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from common.features import AmountScaler, save_feature_config
+from common.schema import FEATURES, LABEL
+from common.store import RequestStore
+from tests.conftest import MlflowStore, new_mlflow_store
+from training.generate import drift_batch, generate_frame
+
+REFERENCE_ROWS = 4_000
+
+
+@dataclass(frozen=True)
+class DriftWorld:
+    """A reference database and a feature config for drift checks (no model involved)."""
+
+    root: Path
+    reference_db: Path
+    feature_config: Path
+    scaler: AmountScaler
+
+    def env(self) -> dict[str, str]:
+        return {"REFERENCE_DB": str(self.reference_db), "FEATURE_CONFIG": str(self.feature_config)}
+
+    def batch(self, rows: int, month: int, seed: int) -> pd.DataFrame:
+        return drift_batch(rows, month, seed, self.scaler)
+
+
+def write_requests(location: str, frame: pd.DataFrame, *, scores: np.ndarray | None = None,
+                   model_version: str | np.ndarray = "1", ts: np.ndarray | None = None, prefix: str = "r") -> None:
+    """Append rows to a request log as the service logs them (features, score, version, ts)."""
+    n = len(frame)
+    scores = np.random.default_rng(n).beta(0.5, 30, n) if scores is None else scores
+    ts = time.time() - n + np.arange(n) if ts is None else ts
+    out = frame[list(FEATURES)].copy()
+    out.insert(0, "request_id", [f"{prefix}-{i}" for i in range(n)])
+    out.insert(1, "ts", ts)
+    out["score"] = scores
+    out["decision"] = (scores >= 0.5).astype(int)
+    out["threshold"] = 0.5
+    out["model_name"] = "fraud-detector"
+    out["model_version"] = model_version
+    store = RequestStore(location)
+    try:
+        store.insert_frame(out)
+    finally:
+        store.dispose()
+
+
+@pytest.fixture(scope="session")
+def drift_world(tmp_path_factory) -> DriftWorld:
+    root = tmp_path_factory.mktemp("drift-world")
+    raw = generate_frame(REFERENCE_ROWS, seed=11)
+    scaler = AmountScaler.fit(raw["Amount"].to_numpy(), fitted_on="tests")
+    config = save_feature_config(scaler, root / "feature_config.json")
+    reference = drift_batch(REFERENCE_ROWS, 0, 11, scaler)
+    frame = reference[[*FEATURES, LABEL]].copy()
+    frame.insert(0, "request_id", [f"ref-{i}" for i in range(len(frame))])
+    frame.insert(1, "ts", np.arange(len(frame), dtype=float))
+    store = RequestStore(str(root / "reference.db"))
+    try:
+        store.insert_frame(frame)
+    finally:
+        store.dispose()
+    return DriftWorld(root, root / "reference.db", config, scaler)
+
+
+@pytest.fixture(scope="session")
+def drift_store(tmp_path_factory) -> MlflowStore:
+    """One MLflow store for the drift-stage tests (without models); each test finds its own run by id."""
+    return new_mlflow_store(tmp_path_factory.mktemp("drift-mlflow"))
+
+
+@pytest.fixture
+def drift_env(tmp_path, drift_world, drift_store, use_env, monkeypatch) -> dict:
+    """Apply the shared MLflow store, the reference DB and a request log path under tmp_path."""
+    env = {**drift_store.env(), **drift_world.env(), "LATEST_DB": str(tmp_path / "requests.db"),
+           "DRIFT_REFERENCE": str(tmp_path / "drift_reference.parquet")}
+    use_env(env)
+    monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
+    return {**env, "store": drift_store, "log": str(tmp_path / "requests.db"), "out": tmp_path / "out"}

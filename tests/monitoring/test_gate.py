@@ -1,0 +1,271 @@
+"""The promotion gate: every branch against a real registry with tiny trained models, and rollback."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlparse
+
+import pytest
+
+from common import registry
+from monitoring import gate
+from monitoring.reference import read_reference_file, read_reference_metadata
+from tests.conftest import MlflowStore, ReferenceData, TrainedModel, new_mlflow_store, train_model
+
+
+@dataclass(frozen=True)
+class GateRegistry:
+    """Four Staging versions: 1 and 2 good (the same training), 3 a one-stump forest, 4 with a corrupt ONNX."""
+
+    store: MlflowStore
+    data: ReferenceData
+    good: TrainedModel
+    other: TrainedModel
+    stump: TrainedModel
+    broken: TrainedModel
+
+    def copy(self, dest: Path) -> MlflowStore:
+        """A private copy of the registry database; artifacts are shared by path (read-only)."""
+        dest.mkdir(parents=True, exist_ok=True)
+        source = sqlite3.connect(self.store.tracking_uri.removeprefix("sqlite:///"))
+        target = sqlite3.connect(dest / "mlflow.db")
+        with target:
+            source.backup(target)
+        source.close()
+        target.close()
+        return MlflowStore(dest, f"sqlite:///{dest / 'mlflow.db'}", self.store.artifact_root)
+
+
+def _corrupt_onnx(store: MlflowStore, run_id: str) -> None:
+    artifact_uri = store.client().get_run(run_id).info.artifact_uri
+    path = Path(urlparse(artifact_uri).path) / "onnx" / "model.onnx"
+    path.write_bytes(b"not an onnx model" * 64)
+
+
+@pytest.fixture(scope="module")
+def gate_registry(tmp_path_factory, reference_data) -> GateRegistry:
+    store = new_mlflow_store(tmp_path_factory.mktemp("gate-registry"))
+    good = train_model(store, reference_data, seed=0)
+    # A retrain on the same data with the same seed: the same forest, so equal metrics. Two tiny
+    # forests with different seeds differ by a fraud or two on ~600 evaluation rows, more than the margins.
+    other = train_model(store, reference_data, seed=0)
+    stump = train_model(store, reference_data, seed=2, n_estimators=1, max_depth=1, max_features="2")
+    broken = train_model(store, reference_data, seed=3)
+    _corrupt_onnx(store, broken.run_id)
+    return GateRegistry(store, reference_data, good, other, stump, broken)
+
+
+@dataclass(frozen=True)
+class GateWorld:
+    store: MlflowStore
+    registry: GateRegistry
+    reference_file: Path
+    out: Path
+
+    @property
+    def name(self) -> str:
+        return self.registry.good.name
+
+    def client(self):
+        return self.store.client()
+
+    def stage_of(self, version: str) -> str:
+        with registry.stages_api():
+            return self.client().get_model_version(self.name, version).current_stage
+
+    def alias(self, alias: str) -> str | None:
+        try:
+            return str(self.client().get_model_version_by_alias(self.name, alias).version)
+        except Exception:
+            return None
+
+    def promote(self, *args: str) -> int:
+        return gate.main([*args, "--reference-file", str(self.reference_file), "--output-dir", str(self.out)])
+
+    def result(self) -> dict:
+        return json.loads((self.out / gate.RESULT_FILE).read_text())
+
+    def run(self):
+        run = self.client().get_run(self.result()["run_id"])
+        assert self.client().get_experiment(run.info.experiment_id).name == registry.PROMOTION_EXPERIMENT
+        return run
+
+    def make_production(self, version: str) -> None:
+        """Put a version in Production directly, promoted now (as if by an earlier gate run)."""
+        registry.move_to_stage(self.client(), self.name, version, "Production")
+        self.client().set_model_version_tag(self.name, version, "promoted_at", repr(time.time()))
+
+    def log_drift_run(self, detected: str = "true") -> str:
+        experiment = registry.ensure_experiment(registry.DRIFT_EXPERIMENT, self.store.tracking_uri)
+        run = self.client().create_run(experiment, tags={"drift_detected": detected, "drifted_features": "V1"})
+        self.client().set_terminated(run.info.run_id)
+        return run.info.run_id
+
+
+@pytest.fixture
+def world(gate_registry, tmp_path, use_env, monkeypatch) -> GateWorld:
+    store = gate_registry.copy(tmp_path / "registry")
+    use_env({**store.env(), **gate_registry.data.env(), "MODEL_NAME": gate_registry.good.name})
+    monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
+    return GateWorld(store, gate_registry, tmp_path / "drift_reference.parquet", tmp_path / "out")
+
+
+def test_first_model_passes_the_floor_and_becomes_production_with_tags_and_a_fresh_reference(world):
+    version = world.registry.good.version
+    assert world.promote("--version", version) == gate.EXIT_PASSED
+    assert world.stage_of(version) == "Production" and world.alias("champion") == version
+    assert world.alias("challenger") != version
+    tags = world.client().get_model_version(world.name, version).tags
+    run = world.run()
+    assert tags["promotion_run_id"] == run.info.run_id and float(tags["promoted_at"]) <= time.time()
+    assert "floor" in tags["promotion_reasons"]
+    assert run.data.tags["decision"] == "promoted"
+    assert "candidate.average_precision" in run.data.metrics and "production.average_precision" not in run.data.metrics
+    meta = read_reference_metadata(world.reference_file)
+    assert meta["model_version"] == version and meta["run_id"] == world.registry.good.run_id
+    reference = read_reference_file(world.reference_file)
+    assert reference.scores is not None and reference.rows == len(reference.scores) > 0
+    assert not [p for p in world.reference_file.parent.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_first_model_below_the_floor_is_refused(world, tmp_path):
+    config = tmp_path / "promotion.json"
+    config.write_text(json.dumps({"floor_average_precision": 0.99, "floor_recall": 0.99}))
+    assert world.promote("--version", world.registry.stump.version, "--config", str(config)) == gate.EXIT_REFUSED
+    assert registry.production_version(world.client(), world.name) is None
+    assert "floor" in " ".join(world.result()["reasons"])
+    assert not world.reference_file.exists()
+
+
+def test_candidate_without_drift_or_reason_is_refused_and_production_is_untouched(world, capsys):
+    world.log_drift_run("true")  # before the promotion below: it must not count
+    world.make_production(world.registry.good.version)
+    world.log_drift_run("false")
+    assert world.promote("--version", world.registry.other.version) == gate.EXIT_REFUSED
+    assert world.stage_of(world.registry.good.version) == "Production"
+    assert world.alias("champion") == world.registry.good.version
+    assert world.stage_of(world.registry.other.version) == "Staging"
+    result = world.result()
+    assert result["decision"] == "refused" and any("no drift run" in r for r in result["reasons"])
+    assert "no drift run" in capsys.readouterr().out
+    run = world.run()
+    assert run.data.tags["decision"] == "refused" and "FAIL" in run.data.tags["check.cause"]
+
+
+def test_drift_found_after_promotion_lets_a_good_candidate_through_with_both_models_metrics(world):
+    world.make_production(world.registry.good.version)
+    drift_run = world.log_drift_run("true")
+    candidate = world.registry.other.version
+    assert world.promote("--version", candidate) == gate.EXIT_PASSED, world.result()["reasons"]
+    assert world.stage_of(candidate) == "Production" and world.alias("champion") == candidate
+    assert world.stage_of(world.registry.good.version) == "Archived"
+    assert world.alias("previous") == world.registry.good.version
+    metrics = world.run().data.metrics
+    for name in ("average_precision", "recall"):
+        assert {f"candidate.{name}", f"production.{name}", f"delta.{name}"} <= set(metrics)
+        assert metrics[f"delta.{name}"] == pytest.approx(metrics[f"candidate.{name}"] - metrics[f"production.{name}"])
+    assert drift_run in world.client().get_model_version(world.name, candidate).tags["promotion_reasons"]
+    assert read_reference_metadata(world.reference_file)["model_version"] == candidate
+
+
+def test_explicit_reason_is_enough_and_is_recorded(world):
+    world.make_production(world.registry.good.version)
+    candidate = world.registry.other.version
+    assert world.promote("--version", candidate, "--reason", "manual") == gate.EXIT_PASSED
+    run = world.run()
+    assert run.data.params["reason"] == "manual"
+    assert "manual" in world.client().get_model_version(world.name, candidate).tags["promotion_reasons"]
+
+
+def test_default_candidate_is_the_newest_staging_version(world):
+    world.make_production(world.registry.good.version)
+    assert world.promote("--reason", "scheduled") in (gate.EXIT_PASSED, gate.EXIT_REFUSED)
+    assert world.result()["candidate_version"] == world.registry.broken.version
+
+
+def test_worse_candidate_is_refused_on_the_same_evaluation_rows(world):
+    world.make_production(world.registry.good.version)
+    assert world.promote("--version", world.registry.stump.version, "--reason", "manual") == gate.EXIT_REFUSED
+    assert world.stage_of(world.registry.good.version) == "Production"
+    result = world.result()
+    assert any(r.startswith("quality: candidate worse") for r in result["reasons"])
+    metrics = result["metrics"]
+    assert metrics["candidate.rows"] == metrics["production.rows"]  # the same rows, both models
+    assert metrics["candidate.average_precision"] < metrics["production.average_precision"]
+
+
+def test_broken_candidate_is_refused_and_production_is_untouched(world):
+    world.make_production(world.registry.good.version)
+    assert world.promote("--version", world.registry.broken.version, "--reason", "manual") == gate.EXIT_REFUSED
+    assert world.stage_of(world.registry.good.version) == "Production"
+    assert world.stage_of(world.registry.broken.version) == "Staging"
+    assert any(r.startswith("integrity:") and "ONNX" in r for r in world.result()["reasons"])
+    assert not world.reference_file.exists()
+
+
+def test_rollback_restores_the_previous_version_with_alias_bookkeeping(world):
+    first, second = world.registry.good.version, world.registry.other.version
+    assert world.promote("--version", first) == gate.EXIT_PASSED
+    assert world.promote("--version", second, "--reason", "manual") == gate.EXIT_PASSED
+    assert world.promote("--rollback", "true") == gate.EXIT_PASSED
+    assert world.stage_of(first) == "Production" and world.alias("champion") == first
+    assert world.stage_of(second) == "Archived" and world.alias("previous") == second
+    assert world.run().data.tags["decision"] == "rolled_back"
+    assert read_reference_metadata(world.reference_file)["model_version"] == first
+    assert world.client().get_model_version(world.name, first).tags["promotion_action"] == "rollback"
+
+
+def test_rollback_without_a_previous_version_is_a_usage_error(world):
+    assert world.promote("--rollback", "true") == gate.EXIT_USAGE
+
+
+def test_already_production_or_unknown_versions_and_bad_reasons_are_usage_errors(world):
+    world.make_production(world.registry.good.version)
+    assert world.promote("--version", world.registry.good.version) == gate.EXIT_USAGE
+    assert world.promote("--version", "999") == gate.EXIT_USAGE
+    assert world.promote("--version", world.registry.other.version, "--reason", "because") == gate.EXIT_USAGE
+
+
+def test_running_service_serves_the_newly_promoted_version_without_a_restart(world, tmp_path):
+    from service.app import create_app, service_of
+
+    first, second = world.registry.good.version, world.registry.other.version
+    world.make_production(first)
+    token = "gate-test-token"
+    app = create_app({
+        "tokens": (token,), "request_log": str(tmp_path / "requests.db"), "tracking_uri": world.store.tracking_uri,
+        "model_name": world.name, "model_uri": None, "fraud_threshold": None, "poll_seconds": 0.2,
+        "feature_config": str(world.registry.data.feature_config),
+    })
+    try:
+        client = app.test_client()
+        headers = {"Authorization": f"Bearer {token}"}
+        assert client.get("/version", headers=headers).get_json()["model_version"] == first
+        assert world.promote("--version", second, "--reason", "manual") == gate.EXIT_PASSED
+        deadline = time.monotonic() + 30
+        served = first
+        while served != second and time.monotonic() < deadline:
+            time.sleep(0.1)
+            served = client.get("/version", headers=headers).get_json()["model_version"]
+        assert served == second
+        answer = client.post("/predict", json={"data": [[0.0] * 29]}, headers=headers).get_json()
+        assert answer["model_version"] == second
+    finally:
+        service_of(app).close()
+
+
+def test_candidate_without_its_evaluation_rows_is_refused(world):
+    artifact_uri = world.client().get_run(world.registry.stump.run_id).info.artifact_uri
+    evaluation = Path(urlparse(artifact_uri).path) / gate.EVALUATION_ARTIFACT
+    hidden = evaluation.with_name("hidden.parquet")
+    evaluation.rename(hidden)
+    try:
+        assert world.promote("--version", world.registry.stump.version) == gate.EXIT_REFUSED
+    finally:
+        hidden.rename(evaluation)
+    assert registry.production_version(world.client(), world.name) is None
+    assert any(r.startswith("quality: not measured") and "evaluation.parquet" in r for r in world.result()["reasons"])

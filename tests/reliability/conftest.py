@@ -1,0 +1,29 @@
+"""Fixtures for the reliability tests: the world the scenarios serve, and one shared service.
+
+The scenarios themselves live in benchmarks/reliability.py, so that `make reliability` runs exactly
+what these tests run, only heavier.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+from benchmarks.reliability import Service, World, serving
+
+# The registry with versions 1 (Production) and 2 that tests/service uses. Imported here, it is a
+# second session fixture of the same name, so a full run trains those two tiny versions twice.
+from tests.service.conftest import serving_registry  # noqa: F401
+
+
+@pytest.fixture(scope="session")
+def world(serving_registry) -> World:  # noqa: F811
+    return World.of(serving_registry)
+
+
+@pytest.fixture(scope="module")
+def shared_service(world, tmp_path_factory) -> Iterator[Service]:
+    """One gunicorn for the scenarios that only send requests (auth, hostile input, fuzzing)."""
+    with serving(world, tmp_path_factory.mktemp("shared-service"), name="shared") as service:
+        yield service

@@ -1,0 +1,134 @@
+"""The request log on real databases: SQLite (WAL, busy timeout) and PostgreSQL; failure means 503."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+
+from common.schema import FEATURES
+from common.store import RequestStore
+from service.app import service_of
+from tests.service.conftest import AUTH
+from tests.service.test_app import parse_metrics
+
+
+@pytest.mark.postgres
+def test_postgresql_request_log_keeps_every_row_and_feedback(make_app, postgres_url, sample_rows):
+    app = make_app(request_log=postgres_url)
+    client = app.test_client()
+    body = client.post("/predict", json={"data": sample_rows[:4]}, headers=AUTH).get_json()
+    assert client.post("/feedback", json={"labels": [{"request_id": body["request_id"][1], "is_fraud": True}]},
+                       headers=AUTH).get_json() == {"updated": 1, "unknown": []}
+    store = RequestStore(postgres_url, create=False)
+    try:
+        frame = store.read_frame(("request_id", *FEATURES, "score", "decision", "model_version", "Class"))
+    finally:
+        store.dispose()
+    assert frame["request_id"].tolist() == body["request_id"]
+    np.testing.assert_allclose(frame[list(FEATURES)].to_numpy(), np.array(sample_rows[:4]))
+    assert frame["score"].tolist() == body["fraud_probability"]
+    assert frame["Class"].tolist()[1] == 1 and frame["Class"].isna().sum() == 3
+
+
+def test_concurrent_requests_all_commit_to_sqlite(app, sample_rows):
+    def send(n):
+        client = app.test_client()
+        for _ in range(n):
+            assert client.post("/predict", json={"data": sample_rows[:2]}, headers=AUTH).status_code == 200
+
+    threads = [threading.Thread(target=send, args=(15,)) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert RequestStore(service_of(app).config.request_log).count() == 4 * 15 * 2
+
+
+def test_sqlite_request_log_uses_wal_a_busy_timeout_and_normal_sync_by_default(app, client, sample_rows,
+                                                                              monkeypatch):
+    client.post("/predict", json={"data": sample_rows[:1]}, headers=AUTH)
+    engine = service_of(app).request_log.store().engine
+    with engine.connect() as conn:
+        assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+        assert conn.exec_driver_sql("PRAGMA busy_timeout").scalar() == 5000
+        assert conn.exec_driver_sql("PRAGMA synchronous").scalar() == 1  # NORMAL
+    monkeypatch.setenv("SQLITE_SYNCHRONOUS", "full")
+    store = RequestStore(service_of(app).config.request_log)
+    with store.engine.connect() as conn:
+        assert conn.exec_driver_sql("PRAGMA synchronous").scalar() == 2  # FULL
+    store.dispose()
+
+
+def test_an_unwritable_request_log_means_503_no_scores_and_a_counted_failure(make_app, sample_rows, caplog):
+    # Nothing listens on port 1: the database is down.
+    app = make_app(request_log="postgresql://postgres@127.0.0.1:1/requests")
+    client = app.test_client()
+    response = client.post("/predict", json={"data": sample_rows[:2]}, headers=AUTH)
+    assert response.status_code == 503
+    body = response.get_json()
+    assert body == {"error": {"code": "request_log_unavailable", "message": body["error"]["message"]}}
+    assert "no score is returned" in body["error"]["message"]
+    assert "fraud_probability" not in response.get_data(as_text=True)
+    feedback = client.post("/feedback", json={"labels": [{"request_id": "a-0", "is_fraud": True}]}, headers=AUTH)
+    assert feedback.status_code == 503 and feedback.get_json()["error"]["code"] == "request_log_unavailable"
+    samples = parse_metrics(client.get("/metrics", headers=AUTH).get_data(as_text=True))
+    assert samples[("fraud_request_log_failures_total", ())] == 2
+    assert samples[("fraud_errors_total", (("kind", "request_log_unavailable"),))] == 2
+    assert samples[("fraud_predictions_total", (("decision", "legit"),))] == 0
+    ready = client.get("/ready").get_json()
+    assert "cannot be opened" in ready["request_log"]["last_error"]
+    assert "127.0.0.1:1" in ready["request_log"]["location"]
+    assert "request log write failed" in caplog.text
+
+
+def test_the_sqlite_synchronous_setting_is_checked_at_start(monkeypatch, tmp_path):
+    from common.settings import SettingsError
+    from service.app import create_app
+
+    monkeypatch.setenv("SQLITE_SYNCHRONOUS", "OFF")
+    with pytest.raises(SettingsError, match="SQLITE_SYNCHRONOUS='OFF' is neither NORMAL nor FULL"):
+        create_app({"tokens": ("t",), "request_log": str(tmp_path / "r.db"), "watch_model": False})
+
+
+def _insert_many(path: str, prefix: str, n: int) -> None:
+    from service.request_log import COLUMNS
+
+    store = RequestStore(path)
+    row = (1.0, *[0.25] * 29, None, 0.5, 0, 0.5, "fraud-detector", "1")
+    for i in range(n):
+        store.insert_values(COLUMNS, [(f"{prefix}-{i}", *row)])
+    store.dispose()
+
+
+def test_processes_writing_one_sqlite_log_at_once_lose_nothing(tmp_path):
+    import multiprocessing
+
+    path = str(tmp_path / "requests.db")
+    RequestStore(path).dispose()
+    context = multiprocessing.get_context("spawn")
+    workers = [context.Process(target=_insert_many, args=(path, f"p{k}", 300)) for k in range(3)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(timeout=120)
+        assert worker.exitcode == 0
+    assert RequestStore(path).count() == 900
+
+
+def test_insert_values_refuses_a_duplicate_request_id_and_unknown_columns(tmp_path):
+    import sqlalchemy as sa
+
+    from service.request_log import COLUMNS
+
+    store = RequestStore(str(tmp_path / "requests.db"))
+    row = ("same-0", 1.0, *[0.25] * 29, None, 0.5, 0, 0.5, "fraud-detector", "1")
+    assert store.insert_values(COLUMNS, [row]) == 1
+    with pytest.raises(sa.exc.IntegrityError):
+        store.insert_values(COLUMNS, [row])
+    with pytest.raises(ValueError, match="not columns of the requests table"):
+        store.insert_values(("request_id", "nope"), [("a", 1)])
+    assert store.count() == 1
+    assert store.insert_values(COLUMNS, [("other-0", *row[1:])]) == 1  # the writer recovered
+    store.dispose()

@@ -1,0 +1,352 @@
+"""Training: a complete, comparable run on true labels only, registered in Staging; refusals register nothing."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+
+from common import registry
+from common.features import load_feature_config
+from common.model import ONNX_ARTIFACT, OnnxParityError, load_bundle
+from common.paths import REPO_ROOT
+from common.schema import FEATURES, LABEL
+from common.store import RequestStore
+from training import train as tr
+from training.evaluate import METRIC_NAMES, evaluate_scores
+from training.generate import drift_batch, generate_frame
+from training.plots import PLOT_FILES
+
+STABLE_METRICS = {
+    "average_precision", "roc_auc", "precision", "recall", "f1", "tp", "fp", "tn", "fn", "recall_at_precision_90",
+    "brier_score", "log_loss", "eval_rows", "eval_frauds", "train_rows", "train_frauds", "training_seconds",
+    "model_size_bytes", "onnx_max_abs_diff", "threshold", "excluded_unlabelled_rows",
+}
+
+
+def _artifact_paths(client, run_id: str, path: str = "") -> set[str]:
+    found = set()
+    for item in client.list_artifacts(run_id, path):
+        found |= _artifact_paths(client, run_id, item.path) if item.is_dir else {item.path}
+    return found
+
+
+def _nothing_registered(store) -> bool:
+    return store.client().search_registered_models() == []
+
+
+# --- the complete run -------------------------------------------------------------------------------
+
+
+def test_run_logs_params_metrics_and_every_artifact(trained_model):
+    client = trained_model.store.client()
+    run = client.get_run(trained_model.run_id)
+    assert run.info.status == "FINISHED"
+    assert client.get_experiment(run.info.experiment_id).name == registry.TRAINING_EXPERIMENT
+    params = run.data.params
+    assert params["n_estimators"] == "15"
+    assert params["split"] == "time"
+    assert params["threshold_method"] == "f1"
+    assert params["requests"] == "none" == params["requests_source"]
+    assert params["data_source"].endswith(str(trained_model.data.db))
+    assert params["registered_model_name"] == trained_model.name
+    assert params["reference_rows"] == str(trained_model.data.rows)
+    assert len(params["data_sha256"]) == 64
+    assert STABLE_METRICS <= set(run.data.metrics)
+    assert run.data.metrics["eval_rows"] + run.data.metrics["train_rows"] == trained_model.data.rows
+    assert run.data.metrics["onnx_max_abs_diff"] <= 1e-5
+    assert run.data.tags["git_commit"]
+    assert run.data.tags["data_sha256"] == params["data_sha256"]
+    artifacts = _artifact_paths(client, run.info.run_id)
+    expected = {ONNX_ARTIFACT, tr.EVALUATION_JSON, tr.EVALUATION_ARTIFACT, tr.TRAINING_FEATURES_ARTIFACT,
+                *(f"plots/{name}" for name in PLOT_FILES)}
+    assert expected <= artifacts
+    local = Path(client.download_artifacts(run.info.run_id, "plots"))
+    assert all((local / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for name in PLOT_FILES)
+    report = json.loads(Path(client.download_artifacts(run.info.run_id, tr.EVALUATION_JSON)).read_text())
+    assert report["threshold"]["threshold"] == trained_model.threshold
+    assert report["split"]["method"] == "time"
+
+
+def test_registered_version_is_staging_challenger_with_threshold_and_metric_tags(trained_model):
+    client = trained_model.store.client()
+    with registry.stages_api():
+        version = client.get_model_version(trained_model.name, trained_model.version)
+        assert version.current_stage == "Staging"
+    assert str(client.get_model_version_by_alias(trained_model.name, "challenger").version) == trained_model.version
+    assert float(version.tags["threshold"]) == trained_model.threshold
+    assert version.tags["threshold_method"] == "f1"
+    assert float(version.tags["average_precision"]) == pytest.approx(trained_model.result.metrics["average_precision"],
+                                                                    rel=1e-5)
+    assert registry.production_version(client, trained_model.name) is None
+
+
+def test_logged_model_has_signature_metadata_and_onnx(trained_model, tmp_path):
+    source = trained_model.store.client().get_model_version_download_uri(trained_model.name, trained_model.version)
+    info = mlflow.models.Model.load(mlflow.artifacts.download_artifacts(source, dst_path=str(tmp_path)))
+    assert info.signature.inputs.input_names() == list(FEATURES)
+    assert {spec.type.name for spec in info.signature.inputs.inputs} == {"double"}
+    assert info.metadata["threshold"] == trained_model.threshold
+    assert info.metadata["onnx_artifact"] == ONNX_ARTIFACT
+    assert info.metadata["features"] == list(FEATURES)
+    assert info.saved_input_example_info is not None
+
+
+def test_loaded_model_predicts_and_separates_the_classes(trained_model):
+    client = trained_model.store.client()
+    bundle = load_bundle(client, trained_model.name, trained_model.version)
+    assert bundle.flavor == "onnx"
+    assert bundle.threshold == trained_model.threshold
+    evaluation = pd.read_parquet(client.download_artifacts(trained_model.run_id, tr.EVALUATION_ARTIFACT))
+    p = bundle.predict_proba(evaluation[list(FEATURES)].to_numpy())
+    assert p.shape == (len(evaluation),) and ((p >= 0) & (p <= 1)).all()
+    metrics = evaluate_scores(evaluation[LABEL].to_numpy(), p, bundle.threshold)
+    # The loaded model scores exactly as the run measured it (ONNX is at parity with the forest).
+    assert metrics["average_precision"] == pytest.approx(trained_model.result.metrics["average_precision"], abs=1e-6)
+    fraud_rate = evaluation[LABEL].mean()
+    assert metrics["average_precision"] > max(0.5, 10 * fraud_rate)
+    assert metrics["roc_auc"] > 0.9
+
+
+def test_evaluation_set_is_the_latest_rows_and_training_sample_has_the_features(trained_model):
+    client = trained_model.store.client()
+    evaluation = pd.read_parquet(client.download_artifacts(trained_model.run_id, tr.EVALUATION_ARTIFACT))
+    training = pd.read_parquet(client.download_artifacts(trained_model.run_id, tr.TRAINING_FEATURES_ARTIFACT))
+    reference = RequestStore(str(trained_model.data.db), create=False).read_frame(("ts",))
+    cutoff = np.sort(reference["ts"].to_numpy())[-len(evaluation)]
+    assert evaluation["ts"].min() >= cutoff
+    assert list(training.columns) == list(FEATURES)
+    assert len(training) == trained_model.result.metrics["train_rows"]
+    assert {*FEATURES, LABEL, "ts"} <= set(evaluation.columns)
+
+
+def test_train_leaves_the_callers_tracking_uri_and_environment_alone(mlflow_store, reference_data, train_tiny_model,
+                                                                    make_mlflow_store):
+    before_uri, before_env = mlflow.get_tracking_uri(), os.environ.get("MLFLOW_TRACKING_URI")
+    store = make_mlflow_store()
+    train_tiny_model(store, n_estimators=4)
+    assert mlflow.get_tracking_uri() == before_uri
+    assert os.environ.get("MLFLOW_TRACKING_URI") == before_env
+    assert mlflow.active_run() is None
+
+
+def test_each_run_registers_a_new_staging_version(make_mlflow_store, train_tiny_model):
+    store = make_mlflow_store()
+    first = train_tiny_model(store, n_estimators=4)
+    second = train_tiny_model(store, n_estimators=6, max_depth=4)
+    assert int(second.version) == int(first.version) + 1
+    client = store.client()
+    assert str(client.get_model_version_by_alias(first.name, "challenger").version) == second.version
+    runs = client.search_runs([client.get_run(first.run_id).info.experiment_id])
+    assert {r.data.params["n_estimators"] for r in runs} == {"4", "6"}
+
+
+# --- labels -----------------------------------------------------------------------------------------
+
+
+def _request_log(path: Path, scaler_path: Path, labelled: int, unlabelled: int) -> dict:
+    """A request log as the service writes it: scored rows, some later labelled through feedback."""
+    batch = drift_batch(labelled + unlabelled, month=0, seed=11, amount_scaler=load_feature_config(scaler_path))
+    store = RequestStore(str(path))
+    rows = batch[list(FEATURES)].copy()
+    rows["request_id"] = [f"req-{i}" for i in range(len(rows))]
+    rows["ts"] = 1.7e9 + np.arange(len(rows), dtype=float)
+    # Unlabelled rows carry confident scores: training must not turn them into labels.
+    rows["score"] = 0.99
+    rows["decision"] = 1
+    store.insert_frame(rows)
+    labels = {f"req-{i}": int(batch[LABEL].iloc[i]) for i in range(labelled)}
+    store.record_feedback(labels)
+    store.dispose()
+    return labels
+
+
+def test_request_log_rows_with_feedback_are_used_and_unlabelled_ones_excluded(tmp_path, make_mlflow_store,
+                                                                            train_tiny_model, reference_data):
+    log = tmp_path / "requests.db"
+    labels = _request_log(log, reference_data.feature_config, labelled=400, unlabelled=250)
+    trained = train_tiny_model(make_mlflow_store(), requests=str(log), n_estimators=6)
+    metrics = trained.result.metrics
+    assert metrics["request_labelled_rows"] == 400
+    assert metrics["excluded_unlabelled_rows"] == 250
+    assert metrics["train_rows"] + metrics["eval_rows"] == reference_data.rows + 400
+    client = trained.store.client()
+    evaluation = pd.read_parquet(client.download_artifacts(trained.run_id, tr.EVALUATION_ARTIFACT))
+    # Time order: the request log is newer than the reference data, so it is evaluated on, last.
+    from_log = evaluation[evaluation["source"] == "requests"]
+    assert len(from_log) == 400
+    assert from_log[LABEL].sum() == sum(labels.values())
+    assert evaluation["ts"].is_monotonic_increasing
+
+
+def test_request_log_defaults_to_latest_db(tmp_path, make_mlflow_store, train_tiny_model, reference_data):
+    log = tmp_path / "latest.db"
+    _request_log(log, reference_data.feature_config, labelled=100, unlabelled=30)
+    trained = train_tiny_model(make_mlflow_store(), requests="", n_estimators=4, extra_env={"LATEST_DB": str(log)})
+    assert trained.result.metrics["request_labelled_rows"] == 100
+    assert trained.result.metrics["excluded_unlabelled_rows"] == 30
+
+
+# --- refusals ---------------------------------------------------------------------------------------
+
+
+def _reference_db(tmp_path: Path, frame: pd.DataFrame, scaler_path: Path) -> Path:
+    from training.import_csv import to_rows
+
+    db = tmp_path / "ref.db"
+    store = RequestStore(str(db))
+    if len(frame):
+        store.insert_frame(to_rows(frame, load_feature_config(scaler_path)))
+    store.dispose()
+    return db
+
+
+REFUSALS = {
+    "no_labels": (lambda: generate_frame(10, 0.1, 1).iloc[:0], {}, "no labelled rows"),
+    "single_class": (lambda: generate_frame(1_000, 0.0, 1), {}, "all 1000 labelled rows are legitimate"),
+    "all_fraud": (lambda: generate_frame(200, 1.0, 1), {}, "all 200 labelled rows are fraud"),
+    "few_train_frauds": (lambda: generate_frame(2_000, 0.02, 1), {"min_train_frauds": 500}, "min_train_frauds"),
+    "few_eval_frauds": (lambda: generate_frame(2_000, 0.02, 1), {"min_eval_frauds": 100}, "min_eval_frauds"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(REFUSALS))
+def test_refusal_registers_nothing_and_starts_no_run(case, tmp_path, make_mlflow_store, train_tiny_model,
+                                                     reference_data):
+    make_frame, overrides, message = REFUSALS[case]
+    db = _reference_db(tmp_path, make_frame(), reference_data.feature_config)
+    data = dataclasses.replace(reference_data, db=db)
+    store = make_mlflow_store()
+    with pytest.raises(tr.TrainingRefused, match=message):
+        train_tiny_model(store, data, **overrides)
+    assert _nothing_registered(store)
+    assert store.client().search_runs([e.experiment_id for e in store.client().search_experiments()]) == []
+
+
+def test_cli_exits_non_zero_on_refusal_and_says_why(tmp_path, make_mlflow_store, reference_data, use_env, capsys):
+    db = _reference_db(tmp_path, generate_frame(500, 0.0, 1), reference_data.feature_config)
+    store = make_mlflow_store()
+    use_env({**store.env(), "FEATURE_CONFIG": str(reference_data.feature_config)})
+    code = tr.main(["--data", str(db), "--requests", "none", "--n_estimators", "3"])
+    assert code != 0
+    assert "refused, nothing registered" in capsys.readouterr().err
+    assert _nothing_registered(store)
+
+
+def test_cli_rejects_a_missing_reference_database(tmp_path, make_mlflow_store, use_env, capsys):
+    use_env(make_mlflow_store().env())
+    assert tr.main(["--data", str(tmp_path / "absent.db"), "--requests", "none"]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert not (tmp_path / "absent.db").exists()
+
+
+def test_onnx_disagreement_fails_the_run_and_registers_nothing(make_mlflow_store, train_tiny_model, monkeypatch):
+    import common.model
+
+    monkeypatch.setattr(common.model, "PARITY_TOLERANCE", -1.0)  # no export can pass
+    store = make_mlflow_store()
+    with pytest.raises(OnnxParityError):
+        train_tiny_model(store, n_estimators=3)
+    assert _nothing_registered(store)
+    client = store.client()
+    runs = client.search_runs([client.get_experiment_by_name(registry.TRAINING_EXPERIMENT).experiment_id])
+    assert [r.info.status for r in runs] == ["FAILED"]
+
+
+@pytest.mark.parametrize(("field", "value", "message"), [
+    ("split", "random", "split must be one of"),
+    ("test_fraction", 1.0, "test_fraction"),
+    ("max_features", "many", "max_features"),
+    ("class_weight", "heavy", "class_weight"),
+    ("threshold_method", "accuracy", "threshold_method"),
+])
+def test_invalid_parameters_are_rejected_before_reading_data(field, value, message):
+    with pytest.raises(tr.TrainingError, match=message):
+        tr.TrainParams(**{field: value}).validate()
+
+
+# --- splits -----------------------------------------------------------------------------------------
+
+
+def test_time_split_evaluates_on_the_latest_rows_and_stratified_keeps_the_fraud_rate():
+    frame = pd.DataFrame({LABEL: np.r_[np.zeros(950, dtype=int), np.ones(50, dtype=int)], "ts": np.arange(1000.0)})
+    train, evaluation = tr.split_rows(frame, "time", 0.2, seed=0)
+    assert len(evaluation) == 200 and train.max() < evaluation.min()
+    train, evaluation = tr.split_rows(frame, "stratified", 0.2, seed=0)
+    assert len(evaluation) == 200 and not set(train) & set(evaluation)
+    assert frame[LABEL].to_numpy()[evaluation].sum() == 10
+
+
+def test_stratified_split_trains_and_is_logged(make_mlflow_store, train_tiny_model):
+    trained = train_tiny_model(make_mlflow_store(), split="stratified", n_estimators=4)
+    run = trained.store.client().get_run(trained.run_id)
+    assert run.data.params["split"] == "stratified"
+    assert run.data.metrics["eval_frauds"] >= 5
+
+
+def test_metric_names_are_stable():
+    metrics = evaluate_scores(np.array([0, 0, 1, 1]), np.array([0.1, 0.6, 0.4, 0.9]), 0.5)
+    assert tuple(metrics) == METRIC_NAMES
+
+
+# --- mlflow run ---------------------------------------------------------------------------------------
+
+
+def _mlflow_run_env(tmp_path: Path, reference_data) -> dict[str, str]:
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+           "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}",
+           "MLFLOW_ARTIFACT_ROOT": str(tmp_path / "mlruns"),
+           "FEATURE_CONFIG": str(reference_data.feature_config), "MODEL_NAME": "fraud-detector-cli",
+           "LATEST_DB": str(tmp_path / "no-requests.db")}
+    env.pop("MLFLOW_RUN_ID", None)
+    # Created here, so that its artifacts go under tmp_path: `mlflow run --experiment-name` would
+    # create it with MLflow's default location, ./mlruns of the repository.
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MLFLOW_ARTIFACT_ROOT", env["MLFLOW_ARTIFACT_ROOT"])
+        registry.ensure_experiment(registry.TRAINING_EXPERIMENT, env["MLFLOW_TRACKING_URI"])
+    return env
+
+
+def _mlflow_run_train(env: dict[str, str], *params: str) -> subprocess.CompletedProcess:
+    command = [str(Path(sys.executable).parent / "mlflow"), "run", ".", "-e", "train", "--env-manager", "local",
+               "--experiment-name", registry.TRAINING_EXPERIMENT]
+    for param in params:
+        command += ["-P", param]
+    return subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.slow
+def test_mlflow_run_train_entry_point_registers_a_staging_version(tmp_path, reference_data):
+    env = _mlflow_run_env(tmp_path, reference_data)
+    run = _mlflow_run_train(env, f"data={reference_data.db}", "n_estimators=6", "min_train_frauds=10",
+                            "min_eval_frauds=5", "seed=3")
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "fitted 6/6 trees" in run.stdout
+    client = registry.client(env["MLFLOW_TRACKING_URI"])
+    staged = registry.version_in_stage(client, "fraud-detector-cli", "Staging")
+    assert staged is not None
+    runs = client.search_runs([client.get_experiment_by_name(registry.TRAINING_EXPERIMENT).experiment_id])
+    # The project's own run was reused: one run, holding both the params and the model.
+    assert len(runs) == 1 and runs[0].info.run_id == staged.run_id
+    assert runs[0].data.params["n_estimators"] == "6"
+
+
+@pytest.mark.slow
+def test_mlflow_run_refusal_fails_the_run_with_the_reason_and_registers_nothing(tmp_path, reference_data):
+    env = _mlflow_run_env(tmp_path, reference_data)
+    run = _mlflow_run_train(env, f"data={reference_data.db}", "n_estimators=3", "min_eval_frauds=1000")
+    assert run.returncode != 0
+    assert "refused, nothing registered" in run.stderr
+    client = registry.client(env["MLFLOW_TRACKING_URI"])
+    assert client.search_registered_models() == []
+    (failed,) = client.search_runs([client.get_experiment_by_name(registry.TRAINING_EXPERIMENT).experiment_id])
+    assert failed.info.status == "FAILED"
+    assert "min_eval_frauds" in failed.data.tags["refused"]
