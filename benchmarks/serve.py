@@ -264,9 +264,9 @@ def print_table(results: list[LoadResult], batch: BatchResult, logged: int, serv
                 seconds: int, service: str, bare: str) -> dict[str, tuple]:
     print(f"\nsingle-row requests, wrk -t1, median of {rounds} rounds of {seconds} s each "
           f"(load average now {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs)")
-    print(f"{'target':<52} {'clients':>7} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'requests':>9} {'failed':>7}")
+    print(f"{'target':<72} {'clients':>7} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'requests':>9} {'failed':>7}")
     for r in results:
-        print(f"{r.target:<52} {r.clients:>7} {r.requests_per_second:>9.1f} {r.p50_ms:>8.2f} {r.p99_ms:>8.2f} "
+        print(f"{r.target:<72} {r.clients:>7} {r.requests_per_second:>9.1f} {r.p50_ms:>8.2f} {r.p99_ms:>8.2f} "
               f"{r.requests:>9} {r.bad:>7}")
     print(f"\n1,000-row /predict: server time {batch.server_ms:.1f} ms median ({batch.server_min_ms:.1f} min, "
           f"{batch.server_p90_ms:.1f} p90), round trip {batch.round_trip_ms:.1f} ms median, over 30 requests")

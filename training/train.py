@@ -32,7 +32,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import warnings
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -333,7 +332,7 @@ def _max_features(value: str):
 
 
 def fit_forest(X: pd.DataFrame, y: np.ndarray, params: TrainParams, say: Callable[[str], None]):
-    """Grow the forest in warm-start chunks; the last chunk also computes out-of-bag scores.
+    """Grow the forest in warm-start chunks, then score each training row out of bag.
 
     The chunked forest is the same as one `fit` with the same seed: warm start draws each new
     tree's seed as a single fit would.
@@ -352,16 +351,55 @@ def fit_forest(X: pd.DataFrame, y: np.ndarray, params: TrainParams, say: Callabl
     grown = 0
     while grown < total:
         grown = min(total, grown + chunk)
-        last = grown == total
-        model.set_params(n_estimators=grown, oob_score=last)
-        with warnings.catch_warnings():
-            # With few trees some rows are in every bootstrap sample; they get NaN, handled below.
-            warnings.filterwarnings("ignore", message="Some inputs do not have OOB scores", category=UserWarning)
-            model.fit(X, y)
+        model.set_params(n_estimators=grown)
+        model.fit(X, y)
         say(f"fitted {grown}/{total} trees ({time.perf_counter() - started:.1f}s)")
     model.set_params(warm_start=False)
-    oob = model.oob_decision_function_[:, 1]
+    oob = out_of_bag_proba(model, X, params.n_jobs)
+    say(f"scored {int(np.isfinite(oob).sum())} training rows out of bag ({time.perf_counter() - started:.1f}s)")
     return model, oob
+
+
+def out_of_bag_proba(model, X: pd.DataFrame | np.ndarray, n_jobs: int = -1) -> np.ndarray:
+    """Each training row's fraud probability, averaged over the trees that did not see it.
+
+    The same numbers as scikit-learn's `oob_decision_function_[:, 1]` (a test holds them equal),
+    computed faster: every tree scores all rows at once, trees in parallel, and each tree's
+    in-bag rows are masked out, where scikit-learn copies each tree's out-of-bag rows and scores
+    them one tree after another. NaN marks rows that were in every tree's bootstrap sample.
+
+    Args:
+        model: a forest fitted with bootstrap samples on exactly these rows, without sample weights.
+        X: the training rows, in the order they were fitted.
+        n_jobs: threads; -1 for one per CPU.
+    """
+    # Private, so pinned by the equality test: the bootstrap indices of each tree, from its seed.
+    from sklearn.ensemble._forest import _generate_unsampled_indices
+
+    rows = np.ascontiguousarray(X, dtype=np.float32)  # the trees' own input type
+    n = len(rows)
+    # The documented rule for max_samples: a float is a fraction, rounded, at least one row.
+    fraction = model.max_samples
+    n_bootstrap = n if fraction is None else (fraction if isinstance(fraction, int) else max(round(n * fraction), 1))
+    fraud = list(model.classes_).index(1)
+
+    def score(tree) -> tuple[np.ndarray, np.ndarray]:
+        out_of_bag = np.zeros(n, dtype=bool)
+        out_of_bag[_generate_unsampled_indices(tree.random_state, n, n_bootstrap, None)] = True
+        return out_of_bag, tree.predict_proba(rows, check_input=False)[:, fraud]
+
+    sums, counts = np.zeros(n), np.zeros(n, dtype=np.int64)
+    workers = (os.cpu_count() or 1) if n_jobs < 0 else max(1, n_jobs)
+    trees = model.estimators_
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        # A few trees per worker at a time, so at most that many full-length score vectors wait.
+        for start in range(0, len(trees), 4 * workers):
+            for out_of_bag, p in pool.map(score, trees[start:start + 4 * workers]):
+                sums += np.where(out_of_bag, p, 0.0)
+                counts += out_of_bag
+    result = np.full(n, np.nan)
+    np.divide(sums, counts, out=result, where=counts > 0)
+    return result
 
 
 # --- tracking ---------------------------------------------------------------------------------------

@@ -350,3 +350,19 @@ def test_mlflow_run_refusal_fails_the_run_with_the_reason_and_registers_nothing(
     (failed,) = client.search_runs([client.get_experiment_by_name(registry.TRAINING_EXPERIMENT).experiment_id])
     assert failed.info.status == "FAILED"
     assert "min_eval_frauds" in failed.data.tags["refused"]
+
+
+# --- out-of-bag scores --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("max_samples", [None, 0.5, 0.3])
+def test_out_of_bag_scores_equal_scikit_learns(max_samples):
+    from sklearn.ensemble import RandomForestClassifier
+
+    frame = generate_frame(1_500, 0.05, seed=4)
+    X, y = frame[list(FEATURES[:-1])].assign(Amount_scaled=frame["Amount"] / 100), frame[LABEL].to_numpy()
+    forest = RandomForestClassifier(n_estimators=40, max_samples=max_samples, oob_score=True, random_state=5,
+                                    n_jobs=2).fit(X, y)
+    ours = tr.out_of_bag_proba(forest, X, n_jobs=2)
+    assert np.isfinite(ours).all()
+    np.testing.assert_allclose(ours, forest.oob_decision_function_[:, 1], rtol=0, atol=1e-12)
