@@ -191,6 +191,18 @@ class RequestStore:
             self._write_lock.close()
         self.engine.dispose()
 
+    def has_table(self) -> bool:
+        """Whether the `requests` table exists. A request log gets it with its first scored row, so
+        readers (training, drift) treat a log without it as an empty log, not as an error.
+
+        Raises:
+            StoreUnavailable: the database cannot be reached.
+        """
+        try:
+            return sa.inspect(self.engine).has_table(requests_table.name)
+        except sa.exc.DBAPIError as exc:
+            raise StoreUnavailable(f"request store {describe(self.location)} cannot be read: {_short(exc)}") from None
+
     # --- writes ----------------------------------------------------------------------------------
 
     def _insert(self, conn: sa.Connection, rows: Sequence[dict], ignore_existing: bool) -> int:
@@ -373,6 +385,8 @@ class RequestStore:
 
     def count(self, *, labelled: bool | None = None) -> int:
         """Rows in the table; `labelled=True` counts only rows with a true label."""
+        if not self.has_table():
+            return 0
         stmt = sa.select(sa.func.count()).select_from(requests_table)
         if labelled is True:
             stmt = stmt.where(requests_table.c[LABEL].is_not(None))
@@ -416,18 +430,6 @@ class RequestStore:
             result = conn.execute(stmt)
             return pd.DataFrame(result.fetchall(), columns=list(columns))
 
-    def iter_arrays(self, columns: Sequence[str], *, chunk_rows: int = 100_000, last_n: int | None = None,
-                    since_ts: float | None = None, labelled: bool | None = None) -> Iterator[np.ndarray]:
-        """Yield float64 arrays of shape (rows, len(columns)), chunk by chunk, oldest first.
-
-        Streams through the server-side cursor so memory stays bounded by the chunk size.
-        """
-        stmt = self._window(columns, labelled=labelled, last_n=last_n, since_ts=since_ts)
-        with self.engine.connect() as conn:
-            result = conn.execution_options(stream_results=True, yield_per=chunk_rows).execute(stmt)
-            for part in result.partitions(chunk_rows):
-                yield np.array(part, dtype=np.float64).reshape(len(part), len(columns))
-
     def window_versions(self, *, last_n: int | None = None,
                         since_ts: float | None = None) -> dict[str | None, tuple[int, int]]:
         """Which model versions scored a window: {model_version: (rows with a score, rows)}.
@@ -435,6 +437,8 @@ class RequestStore:
         Raises:
             StoreUnavailable: the database cannot be read.
         """
+        if not self.has_table():
+            return {}
         window = self._window(["model_version", "score"], labelled=None, last_n=last_n,
                               since_ts=since_ts).order_by(None).subquery()
         stmt = (sa.select(window.c.model_version, sa.func.count(window.c.score), sa.func.count())
@@ -487,6 +491,8 @@ class RequestStore:
         Raises:
             StoreUnavailable: the database cannot be read.
         """
+        if not self.has_table():
+            return np.empty((len(columns), 0), dtype=dtype)
         stmt = self._window(columns, labelled=labelled, last_n=last_n, since_ts=since_ts)
         if model_version is not None:
             stmt = stmt.where(requests_table.c.model_version == str(model_version))

@@ -366,3 +366,20 @@ def test_out_of_bag_scores_equal_scikit_learns(max_samples):
     ours = tr.out_of_bag_proba(forest, X, n_jobs=2)
     assert np.isfinite(ours).all()
     np.testing.assert_allclose(ours, forest.oob_decision_function_[:, 1], rtol=0, atol=1e-12)
+
+
+@pytest.mark.postgres
+def test_a_postgresql_request_log_without_its_table_yet_counts_as_empty(make_mlflow_store, train_tiny_model,
+                                                                        postgres_url):
+    from common.store import RequestStore
+
+    store = RequestStore(postgres_url, create=False)
+    try:
+        assert not store.has_table()
+        assert store.count() == 0
+        assert store.read_columns(("V1", "score")).shape == (2, 0)
+        assert store.window_versions() == {}
+    finally:
+        store.dispose()
+    trained = train_tiny_model(make_mlflow_store(), requests=postgres_url)
+    assert trained.result.metrics["train_rows"] + trained.result.metrics["eval_rows"] == trained.data.rows
