@@ -24,6 +24,7 @@ def world(serving_registry) -> World:  # noqa: F811
 
 @pytest.fixture(scope="module")
 def shared_service(world, tmp_path_factory) -> Iterator[Service]:
-    """One gunicorn for the scenarios that only send requests (auth, hostile input, fuzzing)."""
-    with serving(world, tmp_path_factory.mktemp("shared-service"), name="shared") as service:
+    """One gunicorn for the scenarios that only send requests (auth, hostile input, fuzzing), with
+    one worker: the memory measured is that of the worker that received every hostile input."""
+    with serving(world, tmp_path_factory.mktemp("shared-service"), name="shared", workers=1) as service:
         yield service

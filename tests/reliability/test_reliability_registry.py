@@ -6,10 +6,12 @@ from __future__ import annotations
 import pytest
 
 from benchmarks.reliability import registry_trouble
+from common.model import load_bundle
+from service.app import create_app, service_of
+from service.scoring import ServingModel
 
-pytestmark = pytest.mark.slow
 
-
+@pytest.mark.slow
 def test_bad_promotions_and_a_dead_tracking_server_leave_the_loaded_model_serving_and_reported(world, tmp_path):
     result = registry_trouble(world, tmp_path, clients=3, seconds=5)
     assert result.ok, result.explain()
@@ -17,12 +19,8 @@ def test_bad_promotions_and_a_dead_tracking_server_leave_the_loaded_model_servin
 
 
 def test_the_scikit_learn_fallback_answers_batches_as_the_onnx_flavor_does(world, tmp_path):
-    # A registry that times out while a worker loads the ONNX artifact leaves it serving the forest
-    # itself (seen in the scenario above under load); its answers must not break then.
-    from common.model import load_bundle
-    from service.app import create_app, service_of
-    from service.scoring import ServingModel
-
+    # A registry that times out while a worker downloads the ONNX artifact leaves that worker serving
+    # the forest itself (seen in the scenario above under load); its answers must not break then.
     registry = world.registry
     app = create_app({"tokens": ("t",), "request_log": str(tmp_path / "requests.db"), "watch_model": False,
                       "feature_config": str(registry.data.feature_config)})
