@@ -6,7 +6,9 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 HOST ?= 127.0.0.1
 PORT ?= 5000
-export HOST PORT
+# A fraud service in a payment network sends nothing home: MLflow's usage telemetry is off.
+MLFLOW_DISABLE_TELEMETRY ?= true
+export HOST PORT MLFLOW_DISABLE_TELEMETRY
 
 .PHONY: venv run test bench wrk lint ui data model reliability
 
