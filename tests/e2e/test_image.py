@@ -42,7 +42,6 @@ GRAFANA = REPO_ROOT / "docker" / "grafana"
 DASHBOARD = GRAFANA / "dashboards" / "fraud-detection.json"
 TOKEN = "image-test-token"
 # Variables the image or compose file may set that are not ours: the interpreter's and MLflow server's.
-# Read by Python, MLflow or the tracking server itself, not by our settings.
 FOREIGN_VARIABLES = {"PATH", "PYTHONDONTWRITEBYTECODE", "PYTHONUNBUFFERED", "MLFLOW_BACKEND_STORE_URI",
                      "MLFLOW_DISABLE_TELEMETRY"}
 
