@@ -245,7 +245,9 @@ class _OnnxScorer:
         else:
             features = np.ascontiguousarray(X, dtype=np.float32)
         probabilities = self._session.run(self._outputs, {self._input: features})[0]
-        return probabilities[:, 1].astype(np.float64)
+        # ONNX Runtime sums the trees' votes in float32: a row every tree calls fraud can come out
+        # as 1.0000001. A probability above 1 breaks the API's schema and the evaluation metrics.
+        return np.clip(probabilities[:, 1].astype(np.float64), 0.0, 1.0)
 
 
 @dataclass(frozen=True)
