@@ -336,7 +336,7 @@ def serving(world: World, workdir: Path, *, name: str = "service", tracking_uri:
         HOST="127.0.0.1", PORT=str(port), WEB_CONCURRENCY=str(workers), MODEL_POLL_SECONDS=str(POLL_SECONDS),
         API_TOKEN=TOKEN, MLFLOW_TRACKING_URI=tracking_uri or world.registry.store.tracking_uri,
         MODEL_NAME=world.name, LATEST_DB=request_log, FEATURE_CONFIG=str(world.registry.data.feature_config),
-        MAX_ROWS=str(MAX_ROWS), MAX_BODY_BYTES=str(MAX_BODY_BYTES), **OFFLINE, **env)
+        MAX_ROWS=str(MAX_ROWS), MAX_BODY_BYTES=str(MAX_BODY_BYTES), MALLOC_ARENA_MAX="2", **OFFLINE, **env)
     server = processes.start(name, GUNICORN, env=server_env, cwd=REPO_ROOT, log_dir=workdir)
     service = Service(server, f"http://127.0.0.1:{port}", request_log)
     try:

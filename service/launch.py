@@ -95,6 +95,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"Serving on http://{host}:{port} once the workers have loaded the model. Try:\n")
     print(curl_command(f"http://{shown_host}:{port}", authorization) + "\n", flush=True)
     command = [sys.executable, "-m", "gunicorn", "-c", str(GUNICORN_CONFIG), *extra, "service.app:create_app()"]
+    # glibc gives each request thread its own malloc arena, and a large request leaves every arena
+    # holding memory; two arenas keep a gthread worker's RSS bounded (set before exec: glibc reads it
+    # once, at start).
+    os.environ.setdefault("MALLOC_ARENA_MAX", "2")
     os.chdir(REPO_ROOT)
     os.execv(sys.executable, command)  # noqa: S606 - replacing this process with gunicorn is the point
     return 1  # pragma: no cover - execv does not return

@@ -43,7 +43,7 @@ DASHBOARD = GRAFANA / "dashboards" / "fraud-detection.json"
 TOKEN = "image-test-token"
 # Variables the image or compose file may set that are not ours: the interpreter's and MLflow server's.
 FOREIGN_VARIABLES = {"PATH", "PYTHONDONTWRITEBYTECODE", "PYTHONUNBUFFERED", "MLFLOW_BACKEND_STORE_URI",
-                     "MLFLOW_DISABLE_TELEMETRY"}
+                     "MLFLOW_DISABLE_TELEMETRY", "MALLOC_ARENA_MAX"}
 
 
 @pytest.fixture(scope="module")
