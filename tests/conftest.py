@@ -26,6 +26,7 @@ Fixtures:
 from __future__ import annotations
 
 import os
+import sqlite3
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -54,6 +55,17 @@ class MlflowStore:
         from common.registry import client
 
         return client(self.tracking_uri)
+
+    def copy(self, dest: Path) -> MlflowStore:
+        """A private copy of the registry database; artifacts are shared by path (read-only)."""
+        dest.mkdir(parents=True, exist_ok=True)
+        source = sqlite3.connect(self.tracking_uri.removeprefix("sqlite:///"))
+        target = sqlite3.connect(dest / "mlflow.db")
+        with target:
+            source.backup(target)
+        source.close()
+        target.close()
+        return MlflowStore(dest, f"sqlite:///{dest / 'mlflow.db'}", self.artifact_root)
 
 
 @dataclass(frozen=True)

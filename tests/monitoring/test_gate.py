@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import sqlite3
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,14 +29,7 @@ class GateRegistry:
 
     def copy(self, dest: Path) -> MlflowStore:
         """A private copy of the registry database; artifacts are shared by path (read-only)."""
-        dest.mkdir(parents=True, exist_ok=True)
-        source = sqlite3.connect(self.store.tracking_uri.removeprefix("sqlite:///"))
-        target = sqlite3.connect(dest / "mlflow.db")
-        with target:
-            source.backup(target)
-        source.close()
-        target.close()
-        return MlflowStore(dest, f"sqlite:///{dest / 'mlflow.db'}", self.store.artifact_root)
+        return self.store.copy(dest)
 
 
 def _corrupt_onnx(store: MlflowStore, run_id: str) -> None:

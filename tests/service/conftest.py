@@ -4,7 +4,6 @@ that move stages, and apps built through `create_app` against them."""
 from __future__ import annotations
 
 import shutil
-import sqlite3
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,14 +34,7 @@ class ServingRegistry:
 
     def copy(self, dest: Path) -> MlflowStore:
         """A private copy of the registry database (artifacts are shared read-only by path)."""
-        dest.mkdir(parents=True, exist_ok=True)
-        source = sqlite3.connect(self.store.tracking_uri.removeprefix("sqlite:///"))
-        target = sqlite3.connect(dest / "mlflow.db")
-        with target:
-            source.backup(target)
-        source.close()
-        target.close()
-        return MlflowStore(dest, f"sqlite:///{dest / 'mlflow.db'}", self.store.artifact_root)
+        return self.store.copy(dest)
 
 
 @pytest.fixture(scope="session")
