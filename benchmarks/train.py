@@ -106,14 +106,15 @@ def _tree_rss(root_pid: int) -> int:
     return total
 
 
-def _end_to_end(db: Path, config: Path, workdir: Path) -> dict:
+def _end_to_end(db: Path, config: Path, workdir: Path, attempt: int) -> dict:
+    import shutil
+
     from common.registry import client, ensure_experiment
 
-    store = workdir / "store"
-    if store.exists():
-        import shutil
-
-        shutil.rmtree(store)
+    # A new path each time: MLflow caches one store per URI in this process, so a store deleted and
+    # recreated under the same path would still be read through the old, deleted file.
+    store = workdir / f"store-{attempt}"
+    shutil.rmtree(store, ignore_errors=True)
     store.mkdir(parents=True)
     uri = f"sqlite:///{store / 'mlflow.db'}"
     # A store that exists, as `make ui` users have; the experiment keeps its artifacts in the workdir.
@@ -135,7 +136,7 @@ def _end_to_end(db: Path, config: Path, workdir: Path) -> dict:
                "--experiment-name", "fraud-training", "-P", f"data={db}", "-P", "requests=none"]
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     started = time.perf_counter()
-    log = (workdir / "mlflow_run.log").open("w")
+    log = (store / "mlflow_run.log").open("w")
     process = subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
     peak_tree = 0
     done = threading.Event()
@@ -162,7 +163,7 @@ def _end_to_end(db: Path, config: Path, workdir: Path) -> dict:
         run = mlflow_client.search_runs([experiment.experiment_id])[0]
         metrics = run.data.metrics
     return {"wall": wall, "cpu": cpu, "code": code, "max_process_rss": after.ru_maxrss * 1024,
-            "peak_tree_rss": peak_tree, "metrics": metrics, "log": workdir / "mlflow_run.log"}
+            "peak_tree_rss": peak_tree, "metrics": metrics, "log": store / "mlflow_run.log"}
 
 
 def _walls(measurements: list[dict]) -> str:
@@ -191,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
         bares.append(_bare_fit(db, config))
         print(f"  {bares[-1]['wall']:.1f}s wall, {bares[-1]['cpu']:.1f}s CPU on {bares[-1]['rows']} rows", flush=True)
         print(f"[{attempt}/{args.repeat}] mlflow run . -e train ...", flush=True)
-        runs.append(_end_to_end(db, config, args.workdir))
+        runs.append(_end_to_end(db, config, args.workdir, attempt))
         if runs[-1]["code"] != 0:
             print(f"mlflow run failed with exit code {runs[-1]['code']}; see {runs[-1]['log']}", file=sys.stderr)
             return 1
@@ -213,7 +214,8 @@ def main(argv: list[str] | None = None) -> int:
         (f"mlflow run end to end (median of {len(runs)})",
          f"{e2e['wall']:.1f} s wall, {e2e['cpu']:.1f} s CPU (process tree)   "
          f"[{_walls(runs)}]"),
-        ("  of which fitting (last run)", f"{metrics['training_seconds']:.1f} s"),
+        ("  last run: fitting / everything else", f"{metrics['training_seconds']:.1f} s / "
+                                                  f"{runs[-1]['wall'] - metrics['training_seconds']:.1f} s"),
         ("ratio end to end / bare fit", f"{ratio:.2f}x wall, {cpu_ratio:.2f}x CPU   goal <= {GOAL_RATIO}x: "
                                         f"{_verdict(ratio <= GOAL_RATIO)}"),
         ("wall time", f"{e2e['wall']:.1f} s   goal <= {GOAL_SECONDS:.0f} s: {_verdict(e2e['wall'] <= GOAL_SECONDS)}"),

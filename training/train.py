@@ -572,8 +572,8 @@ def _train_in_run(params: TrainParams, data: LabelledData, train_pos: np.ndarray
     try:
         say(f"fitting {params.n_estimators} trees on {len(train_pos)} rows")
         fit_started = time.perf_counter()
-        # Work that does not need the model runs beside the fit: the trees keep both cores busy only
-        # between chunk boundaries, and this is single-threaded.
+        # Work that does not need the model runs beside the fit, on a thread of its own: it fills the
+        # idle moments at chunk boundaries instead of adding to the run's length afterwards.
         with ThreadPoolExecutor(max_workers=1) as pool:
             prepared = pool.submit(_prepare_while_fitting, artifacts_dir, frame, train_pos, eval_pos, params.seed)
             model, oob = fit_forest(X_train, y_train, params, say)
