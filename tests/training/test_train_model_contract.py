@@ -63,6 +63,7 @@ def test_single_rows_score_like_the_batch_and_like_scikit_learn(trained_model):
     singles = np.array([bundle.predict_proba(X[i:i + 1])[0] for i in range(len(X))])
     np.testing.assert_allclose(singles, batch, atol=0)
     np.testing.assert_allclose(batch, sklearn_proba(forest, X), atol=1e-5)
+    assert forest.verbose == 0  # the fit's progress output must not follow the model into serving
     assert bundle.parity_max_abs_diff <= 1e-5
 
 
