@@ -90,3 +90,19 @@ def test_every_setting_is_in_the_readme_table():
     table = {m for m in re.findall(r"^\| `([A-Z][A-Z0-9_]+)` \|", (REPO_ROOT / "README.md").read_text(), flags=re.M)}
     assert {"API_TOKEN", "LATEST_DB", "FRAUD_THRESHOLD", "MLFLOW_TRACKING_URI", "MODEL_NAME"} <= variables
     assert variables - table == set()
+
+
+def test_mlproject_train_defaults_are_the_training_defaults():
+    # `mlflow run . -e train`, `python -m training.train` and the benchmarks' bare fit (TrainParams())
+    # must train the same forest; a default changed in one place only made the benchmark compare a
+    # bare fit on 70 % bootstrap samples with a run on 50 %.
+    import dataclasses
+
+    from training.train import TrainParams
+
+    entry = yaml.safe_load((REPO_ROOT / "MLproject").read_text())["entry_points"]["train"]
+    declared = {name: spec["default"] for name, spec in entry["parameters"].items()}
+    defaults = {f.name: getattr(TrainParams(), f.name) for f in dataclasses.fields(TrainParams)}
+    assert declared == defaults
+    for name in defaults:
+        assert f"--{name} {{{name}}}" in " ".join(entry["command"].split())
