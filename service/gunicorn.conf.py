@@ -28,9 +28,12 @@ wsgi_app = "service.app:create_app()"
 bind = [f"{settings.host()}:{settings.port()}"]
 workers = settings.web_concurrency()
 threads = settings.web_threads()
-# gthread (default, 4 threads per worker): keeps client connections alive and overlaps one request's
-# database commit with another's scoring; benchmarks/serve.py measured it at about twice the
-# throughput of sync workers, with lower latency. WEB_THREADS=1 selects sync workers.
+# gthread (default, 4 threads per worker): keeps client connections alive, and a slow or stalled
+# client holds one thread rather than a whole worker, so the service can face clients directly
+# (`make run`, the image). A sync worker serves one connection at a time and closes it after each
+# response; gunicorn's docs ask for a buffering proxy in front of it. Behind such a proxy sync
+# workers are faster here: benchmarks/serve.py on a quiet 2-core machine, 8 clients, single rows:
+# sync 2,719 req/s, p99 10.0 ms; gthread 1,950 req/s, p99 13.4 ms. WEB_THREADS=1 selects them.
 worker_class = "gthread" if threads > 1 else "sync"
 preload_app = False
 timeout = 30

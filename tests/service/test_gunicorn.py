@@ -145,6 +145,40 @@ def test_gunicorn_serves_logs_aggregates_metrics_swaps_models_and_stops_cleanly(
 
 
 @pytest.mark.slow
+def test_tokens_rotate_through_the_token_file_and_sighup_without_a_restart(serving_registry, tmp_path, sample_rows):
+    token_file = tmp_path / "tokens"
+    token_file.write_text("old-token\n")
+    env = server_env(serving_registry.store, serving_registry.data, tmp_path, free_port(), WEB_CONCURRENCY="1",
+                     API_TOKEN_FILE=str(token_file))
+    server = Server(GUNICORN, env, tmp_path / "server.log")
+
+    def status(token: str) -> int:
+        return requests.post(f"{server.url}/predict", json={"data": [sample_rows[0]]},
+                             headers={"Authorization": f"Bearer {token}"}, timeout=10).status_code
+
+    try:
+        server.wait_until(lambda: requests.get(f"{server.url}/ready", timeout=5).ok, "readiness")
+        assert (status("old-token"), status("new-token")) == (200, 401)
+        master = server.process.pid
+        # Step 1: both tokens are valid while clients move to the new one.
+        token_file.write_text("old-token\nnew-token\n")
+        os.kill(master, signal.SIGHUP)
+        server.wait_until(lambda: status("new-token") == 200, "the new token to be accepted")
+        assert status("old-token") == 200
+        # Step 2: the old token is withdrawn.
+        token_file.write_text("new-token\n")
+        os.kill(master, signal.SIGHUP)
+        server.wait_until(lambda: status("old-token") == 401, "the old token to be refused")
+        assert status("new-token") == 200
+        assert server.process.pid == master and server.process.poll() is None
+    finally:
+        code = server.stop()
+    output = server.output()
+    assert code == 0, output[-3000:]
+    assert "old-token" not in output and "new-token" not in output
+
+
+@pytest.mark.slow
 def test_gunicorn_refuses_to_start_without_a_token(serving_registry, tmp_path):
     env = server_env(serving_registry.store, serving_registry.data, tmp_path, free_port())
     result = subprocess.run(GUNICORN, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=60)
