@@ -132,3 +132,35 @@ def test_insert_values_refuses_a_duplicate_request_id_and_unknown_columns(tmp_pa
     assert store.count() == 1
     assert store.insert_values(COLUMNS, [("other-0", *row[1:])]) == 1  # the writer recovered
     store.dispose()
+
+
+def test_the_wal_is_checkpointed_by_a_background_thread_and_stays_bounded(tmp_path, monkeypatch):
+    import common.store as store_module
+    from service.request_log import COLUMNS
+
+    monkeypatch.setattr(store_module, "CHECKPOINT_INTERVAL_SECONDS", 0.01)
+    monkeypatch.setattr(store_module, "WAL_RESET_BYTES", 256 * 1024)
+    path = tmp_path / "requests.db"
+    store = RequestStore(str(path))
+    wal = tmp_path / "requests.db-wal"
+    row = (1.0, *[0.25] * 29, None, 0.5, 0, 0.5, "fraud-detector", "1")
+    largest = 0
+    for i in range(3000):
+        store.insert_values(COLUMNS, [(f"r-{i}", *row)])
+        if i % 50 == 0:
+            largest = max(largest, wal.stat().st_size)
+    # The commits themselves never checkpoint, so without the thread these 3,000 single-row commits
+    # (about three 4 KiB pages each) would leave a WAL of about 40 MB. With it, the file restarts
+    # after each locked checkpoint; what it reaches in between depends on how many commits this
+    # loop makes between two wake-ups of the thread (about 10 MB seen here).
+    assert store._writers.conn.execute("PRAGMA wal_autocheckpoint").fetchone()[0] == 0
+    assert largest < 20 * 1024**2, largest
+    checkpointer = store._checkpointer
+    assert checkpointer.checkpoints > 0 and checkpointer.resets > 0
+    assert store.count() == 3000
+    thread = checkpointer._thread
+    store.dispose()
+    assert thread is not None and not thread.is_alive()
+    reopened = RequestStore(str(path), create=False)
+    assert reopened.count() == 3000
+    reopened.dispose()
