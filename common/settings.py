@@ -217,6 +217,12 @@ def web_threads() -> int:
     return read_int("WEB_THREADS", 4, minimum=1, maximum=64)
 
 
+def keepalive_requests() -> int:
+    """KEEPALIVE_REQUESTS; requests a client connection may carry before the service closes it
+    (default 100; 0 = no limit). Bounds how long a kept-alive connection stays on one worker."""
+    return read_int("KEEPALIVE_REQUESTS", 100, minimum=0, maximum=1_000_000)
+
+
 def sqlite_synchronous() -> str:
     """SQLITE_SYNCHRONOUS; SQLite's `synchronous` for request-log and reference writes: NORMAL or FULL.
 

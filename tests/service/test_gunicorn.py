@@ -25,7 +25,7 @@ from tests.service.test_app import parse_metrics
 START_SECONDS = 90
 # Variables of the developer's shell that would change what the server does.
 _SCRUBBED = ("API_TOKEN", "API_TOKEN_FILE", "MODEL_URI", "FRAUD_THRESHOLD", "PROMETHEUS_MULTIPROC_DIR", "LATEST_DB",
-             "WEB_THREADS", "SQLITE_SYNCHRONOUS", "GUNICORN_CMD_ARGS")
+             "WEB_THREADS", "SQLITE_SYNCHRONOUS", "GUNICORN_CMD_ARGS", "KEEPALIVE_REQUESTS")
 
 
 def free_port() -> int:
@@ -176,6 +176,35 @@ def test_tokens_rotate_through_the_token_file_and_sighup_without_a_restart(servi
     output = server.output()
     assert code == 0, output[-3000:]
     assert "old-token" not in output and "new-token" not in output
+
+
+@pytest.mark.slow
+def test_a_kept_alive_connection_is_closed_after_keepalive_requests(serving_registry, tmp_path, sample_rows):
+    import http.client
+    import json
+
+    env = server_env(serving_registry.store, serving_registry.data, tmp_path, free_port(), WEB_CONCURRENCY="1",
+                     API_TOKEN=TOKEN, KEEPALIVE_REQUESTS="3")
+    server = Server(GUNICORN, env, tmp_path / "server.log")
+    try:
+        server.wait_until(lambda: requests.get(f"{server.url}/ready", timeout=5).ok, "readiness")
+        conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
+        body = json.dumps({"data": [sample_rows[0]]})
+        headers = {"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"}
+        answers = []
+        for _ in range(3):
+            conn.request("POST", "/predict", body=body, headers=headers)
+            response = conn.getresponse()
+            response.read()
+            answers.append((response.status, (response.getheader("Connection") or "").lower()))
+        assert answers == [(200, "keep-alive"), (200, "keep-alive"), (200, "close")]
+        # http.client reconnects by itself after a close; the server answered on a new connection.
+        conn.request("POST", "/predict", body=body, headers=headers)
+        assert conn.getresponse().status == 200
+        conn.close()
+    finally:
+        code = server.stop()
+    assert code == 0, server.output()[-3000:]
 
 
 @pytest.mark.slow
