@@ -28,12 +28,13 @@ wsgi_app = "service.app:create_app()"
 bind = [f"{settings.host()}:{settings.port()}"]
 workers = settings.web_concurrency()
 threads = settings.web_threads()
-# gthread (default, 4 threads per worker): keeps client connections alive, and a slow or stalled
-# client holds one thread rather than a whole worker, so the service can face clients directly
-# (`make run`, the image). A sync worker serves one connection at a time and closes it after each
-# response; gunicorn's docs ask for a buffering proxy in front of it. Behind such a proxy sync
-# workers are faster here: benchmarks/serve.py on a quiet 2-core machine, 8 clients, single rows:
-# sync 2,719 req/s, p99 10.0 ms; gthread 1,950 req/s, p99 13.4 ms. WEB_THREADS=1 selects them.
+# gthread (default, 4 threads per worker): keeps client connections alive, and a client that
+# connects and stays silent holds a thread for at most 5 s (gunicorn then hands the connection back
+# to its poller). A sync worker serves one connection at a time and waits for it without a limit:
+# measured here, two idle connections stopped a 2-sync-worker service (no /health answer in 20 s),
+# while 16 delayed the gthread service by 4.5 s. gunicorn's docs pair sync workers with a buffering
+# proxy; behind one they are faster here (benchmarks/serve.py, 8 clients, single rows: sync 3,021
+# req/s, p99 5.3 ms; gthread 2,273 req/s, p99 10.4 ms). WEB_THREADS=1 selects them.
 worker_class = "gthread" if threads > 1 else "sync"
 # A kept-alive connection stays on the worker that accepted it. With a few busy connections (a
 # client's pool, a proxy's upstream pool, wrk's 8) that split is a lottery: all 8 on one worker
