@@ -179,7 +179,8 @@ def test_tokens_rotate_through_the_token_file_and_sighup_without_a_restart(servi
 
 
 @pytest.mark.slow
-def test_a_kept_alive_connection_is_closed_after_keepalive_requests(serving_registry, tmp_path, sample_rows):
+def test_kept_alive_connections_close_after_keepalive_requests_and_idle_ones_do_not_stall(serving_registry, tmp_path,
+                                                                                          sample_rows):
     import http.client
     import json
 
@@ -202,6 +203,16 @@ def test_a_kept_alive_connection_is_closed_after_keepalive_requests(serving_regi
         conn.request("POST", "/predict", body=body, headers=headers)
         assert conn.getresponse().status == 200
         conn.close()
+        # Clients that connect and stay silent (twice the worker's 4 threads) delay others by about
+        # gunicorn's 5 s, and do not stop the service as they would stop a sync worker.
+        idle = [socket.create_connection(("127.0.0.1", server.port)) for _ in range(8)]
+        try:
+            started = time.monotonic()
+            assert requests.get(f"{server.url}/health", timeout=20).status_code == 200
+            assert time.monotonic() - started < 15
+        finally:
+            for sock in idle:
+                sock.close()
     finally:
         code = server.stop()
     assert code == 0, server.output()[-3000:]
