@@ -189,17 +189,23 @@ def _postgres_admin_url() -> str | None:
     return None
 
 
-@pytest.fixture
-def postgres_url() -> Iterator[str]:
-    """A fresh PostgreSQL database (postgresql://user@127.0.0.1:5432/test_<random>), dropped afterwards."""
-    import psycopg
-
+def _postgres_admin_url_or_skip() -> str:
+    """The admin URL, or skip the test (fail it with REQUIRE_POSTGRES=1) when PostgreSQL is not reachable."""
     admin = _postgres_admin_url()
     if admin is None:
         reason = f"PostgreSQL is not reachable at {POSTGRES_HOST}:{POSTGRES_PORT} (users postgres, root)"
         if os.environ.get("REQUIRE_POSTGRES") == "1":
             pytest.fail(f"{reason}, and REQUIRE_POSTGRES=1")
         pytest.skip(reason)
+    return admin
+
+
+@pytest.fixture
+def postgres_url() -> Iterator[str]:
+    """A fresh PostgreSQL database (postgresql://user@127.0.0.1:5432/test_<random>), dropped afterwards."""
+    import psycopg
+
+    admin = _postgres_admin_url_or_skip()
     name = f"test_{uuid.uuid4().hex[:16]}"
     with psycopg.connect(admin, autocommit=True) as conn:
         conn.execute(f'CREATE DATABASE "{name}"')
@@ -217,12 +223,7 @@ def make_postgres_url() -> Iterator[Callable[[str], str]]:
     Skipped (or failed, with REQUIRE_POSTGRES=1) like `postgres_url`."""
     import psycopg
 
-    admin = _postgres_admin_url()
-    if admin is None:
-        reason = f"PostgreSQL is not reachable at {POSTGRES_HOST}:{POSTGRES_PORT} (users postgres, root)"
-        if os.environ.get("REQUIRE_POSTGRES") == "1":
-            pytest.fail(f"{reason}, and REQUIRE_POSTGRES=1")
-        pytest.skip(reason)
+    admin = _postgres_admin_url_or_skip()
     prefix = f"test_{uuid.uuid4().hex[:12]}"
     created: list[str] = []
 
