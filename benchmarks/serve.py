@@ -11,7 +11,9 @@ One run on this machine, with request logging on (SQLite, the default):
   - the same with the other gunicorn worker class (sync <-> gthread), to show the choice;
   - `mlflow models serve --env-manager local -w 2` of the same registered version, /invocations;
   - a bare Flask + gunicorn endpoint that only parses the body, with each worker class: the
-    ceiling (the service is held to the one with its own worker class);
+    ceiling (the service is held to the one with its own worker class). It runs under the
+    service's own gunicorn config (workers, threads, keep-alive limit, timeouts), so the two differ
+    only in the app;
 - a 1,000-row /predict: server time (the app's Server-Timing header) and round trip, median of 30.
 
 The model is trained for the run (generated data, `training.train` defaults) in a temporary
@@ -332,9 +334,16 @@ def _workers(threads: int) -> str:
     return "2 sync workers" if threads == 1 else f"2 gthread workers x {threads} threads"
 
 
-def _bare_command(threads: int) -> list[str]:
-    return [sys.executable, "-m", "gunicorn", "--workers", "2", "--threads", str(threads), "--no-control-socket",
-            "--bind", "127.0.0.1:{port}", "--log-level", "warning", "benchmarks.serve:bare_app()"]
+def _bare_command() -> list[str]:
+    return [sys.executable, "-m", "gunicorn", "-c", "service/gunicorn.conf.py", "benchmarks.serve:bare_app()"]
+
+
+def _bare_env(threads: int) -> dict[str, str]:
+    """The service's gunicorn settings (service/gunicorn.conf.py), with only the app swapped: without
+    the keep-alive limit, a gthread ceiling swung between ~1,200 and ~3,700 req/s from round to round,
+    by how wrk's 8 connections happened to split over the two workers."""
+    return {**base_env(), "HOST": "127.0.0.1", "WEB_CONCURRENCY": "2", "WEB_THREADS": str(threads),
+            "API_TOKEN": TOKEN, "LOG_LEVEL": "warning"}
 
 
 def _targets(reg: Registry, workdir: Path) -> tuple[list[Target], str, str]:
@@ -362,8 +371,8 @@ def _targets(reg: Registry, workdir: Path) -> tuple[list[Target], str, str]:
                service_env(reg, workdir, "full", SQLITE_SYNCHRONOUS="FULL"), "/ready", "/predict", predict),
         Target(f"service /predict, WEB_THREADS={other} ({_workers(other)})", service_command(),
                service_env(reg, workdir, "other", WEB_THREADS=str(other)), "/ready", "/predict", predict),
-        Target(bare, _bare_command(default), base_env(), "/health", "/predict", predict),
-        Target(f"bare Flask + gunicorn ({_workers(other)}), parse only", _bare_command(other), base_env(), "/health",
+        Target(bare, _bare_command(), _bare_env(default), "/health", "/predict", predict),
+        Target(f"bare Flask + gunicorn ({_workers(other)}), parse only", _bare_command(), _bare_env(other), "/health",
                "/predict", predict),
         Target(f"mlflow models serve -w 2 (version {reg.version}), /invocations",
                [str(Path(sys.executable).parent / "mlflow"), "models", "serve", "-m",
