@@ -60,8 +60,8 @@ SQLITE_BUSY_TIMEOUT_MS = 5000
 CHECKPOINT_INTERVAL_SECONDS = 0.2
 WAL_RESET_BYTES = 32 * 1024**2
 # SQLite request-log batches go in as multi-row INSERT statements of at most this many rows (fewer
-# if the library's limit on bound values requires): a 1,000-row batch took 9.7-10.0 ms that way
-# against 11.5-11.9 ms through executemany, which binds and steps the statement once per row.
+# if the library's limit on bound values requires). A 1,000-row batch costs 0.84x the CPU of
+# executemany, which steps the statement once per row (median paired ratio, 80 interleaved rounds).
 ROWS_PER_STATEMENT = 256
 
 
