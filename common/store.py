@@ -391,10 +391,10 @@ class RequestStore:
                       backoff: float = 0.05) -> int:
         """Insert plain value tuples in one transaction: the request log's hot path.
 
-        Same contract as `insert_rows`, at a fraction of its cost: the statement is built once per
+        Same contract as `insert_rows`, at a fraction of its cost: the statements are built once per
         column list, and each thread writes through its own driver connection (no pool checkout,
-        no statement compilation), straight to executemany. A connection that fails is dropped and
-        the retry opens a new one.
+        no statement compilation), straight to the driver: multi-row INSERT statements on SQLite,
+        executemany on PostgreSQL. A connection that fails is dropped and the retry opens a new one.
 
         Args:
             columns: `requests` column names, in the order of each row's values.
