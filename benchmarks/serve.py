@@ -190,11 +190,16 @@ def service_command() -> list[str]:
     return [sys.executable, "-m", "gunicorn", "-c", "service/gunicorn.conf.py", "service.app:create_app()"]
 
 
+def gunicorn_env(**extra: str) -> dict[str, str]:
+    """What every server run under service/gunicorn.conf.py gets here: loopback, 2 workers, the token."""
+    return {**base_env(), "HOST": "127.0.0.1", "WEB_CONCURRENCY": "2", "API_TOKEN": TOKEN, "LOG_LEVEL": "warning",
+            **extra}
+
+
 def service_env(reg: Registry, workdir: Path, label: str, **extra: str) -> dict[str, str]:
-    return {**base_env(), "HOST": "127.0.0.1", "WEB_CONCURRENCY": "2", "API_TOKEN": TOKEN,
-            "MLFLOW_TRACKING_URI": reg.tracking_uri, "MODEL_NAME": MODEL_NAME,
-            "FEATURE_CONFIG": str(reg.feature_config), "LATEST_DB": str(workdir / f"requests-{label}.db"),
-            "LOG_LEVEL": "warning", **extra}
+    return gunicorn_env(MLFLOW_TRACKING_URI=reg.tracking_uri, MODEL_NAME=MODEL_NAME,
+                        FEATURE_CONFIG=str(reg.feature_config), LATEST_DB=str(workdir / f"requests-{label}.db"),
+                        **extra)
 
 
 # --- load -----------------------------------------------------------------------------------------------
@@ -342,8 +347,7 @@ def _bare_env(threads: int) -> dict[str, str]:
     """The service's gunicorn settings (service/gunicorn.conf.py), with only the app swapped: without
     the keep-alive limit, a gthread ceiling swung between ~1,200 and ~3,700 req/s from round to round,
     by how wrk's 8 connections happened to split over the two workers."""
-    return {**base_env(), "HOST": "127.0.0.1", "WEB_CONCURRENCY": "2", "WEB_THREADS": str(threads),
-            "API_TOKEN": TOKEN, "LOG_LEVEL": "warning"}
+    return gunicorn_env(WEB_THREADS=str(threads))
 
 
 def _targets(reg: Registry, workdir: Path) -> tuple[list[Target], str, str]:
