@@ -277,8 +277,8 @@ class RequestStore:
         # Only insert_values (the request log's hot path) hands its checkpoints to the thread.
         self._checkpointer = (_Checkpointer(sqlite_file, self._write_lock, self._detached_connection) if on_disk
                               else None)
-        self._insert_sql: dict[tuple[str, ...], str] = {}
-        self._values_sql: dict[tuple[tuple[str, ...], int], str] = {}
+        # insert_values' statements by (columns, rows per statement), built once each.
+        self._insert_sql: dict[tuple[tuple[str, ...], int], str] = {}
         self._writers = threading.local()
         self._writers_lock = threading.Lock()
         self._all_writers: list = []
@@ -411,19 +411,18 @@ class RequestStore:
             StoreUnavailable: every attempt failed; nothing was written.
         """
         key = tuple(columns)
-        sql = self._insert_sql.get(key)
-        if sql is None:
+        if (key, 1) not in self._insert_sql:
             unknown = set(key) - set(requests_table.c.keys())
             if unknown:
                 raise ValueError(f"not columns of the requests table: {sorted(unknown)}")
-            sql = self._insert_sql[key] = self._bulk_sql(list(key), ignore_existing=False)
+        sql = self._insert_statement(key, 1)
         if not rows:
             return 0
         rows = rows if isinstance(rows, list) else list(rows)
         width = len(key)
-        if any(len(row) != width for row in rows):
+        bad = next((i for i, row in enumerate(rows) if len(row) != width), None)
+        if bad is not None:
             # Multi-row statements take the values end to end: a short row would shift the rest.
-            bad = next(i for i, row in enumerate(rows) if len(row) != width)
             raise ValueError(f"row {bad} has {len(rows[bad])} values for {width} columns")
         dbapi = self.engine.dialect.loaded_dbapi
         last: Exception | None = None
@@ -458,16 +457,20 @@ class RequestStore:
         are ROWS_PER_STATEMENT and then powers of two, so a writer connection prepares at most a
         dozen statement shapes, and SQLite's statement cache keeps them all."""
         if len(rows) == 1:  # the common single-row request: the one-row statement, no copying
-            cursor.execute(self._insert_sql[key], rows[0])
+            cursor.execute(self._insert_statement(key, 1), rows[0])
             return
         most = min(ROWS_PER_STATEMENT, cursor.connection.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER) // len(key))
         start = 0
         for size in _chunk_sizes(len(rows), most):
-            sql = self._values_sql.get((key, size))
-            if sql is None:
-                sql = self._values_sql[(key, size)] = self._bulk_sql(key, ignore_existing=False, rows=size)
-            cursor.execute(sql, list(itertools.chain.from_iterable(rows[start:start + size])))
+            cursor.execute(self._insert_statement(key, size),
+                           list(itertools.chain.from_iterable(rows[start:start + size])))
             start += size
+
+    def _insert_statement(self, key: tuple[str, ...], rows: int) -> str:
+        sql = self._insert_sql.get((key, rows))
+        if sql is None:
+            sql = self._insert_sql[(key, rows)] = self._bulk_sql(key, ignore_existing=False, rows=rows)
+        return sql
 
     def _writer(self):
         """This thread's driver connection for `insert_values`, detached from the pool so that
