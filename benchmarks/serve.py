@@ -8,7 +8,8 @@ One run on this machine, with request logging on (SQLite, the default):
   load drifts). Against
   - the service as configured by default (`service/gunicorn.conf.py`: 2 workers), /predict;
   - the same with SQLITE_SYNCHRONOUS=FULL (a disk flush per commit), to show that trade-off;
-  - the same with the other gunicorn worker class (sync <-> gthread), to show the choice;
+  - the same with the other worker class (the event-loop worker of service/worker.py <-> gunicorn's
+    gthread), to show the choice;
   - `mlflow models serve --env-manager local -w 2` of the same registered version, /invocations;
   - a bare Flask + gunicorn endpoint that only parses the body, with each worker class: the
     ceiling (the service is held to the one with its own worker class). It runs under the
@@ -47,7 +48,8 @@ MODEL_NAME = "fraud-detector"
 CLIENTS = (1, 8)
 GOALS = {"vs_mlflow": 30.0, "vs_ceiling": 0.5, "p99_ms": 10.0, "batch_ms": 20.0}
 SCRUBBED_ENV = ("API_TOKEN", "API_TOKEN_FILE", "MODEL_URI", "FRAUD_THRESHOLD", "PROMETHEUS_MULTIPROC_DIR", "LATEST_DB",
-                "WEB_THREADS", "WEB_CONCURRENCY", "SQLITE_SYNCHRONOUS", "GUNICORN_CMD_ARGS", "KEEPALIVE_REQUESTS")
+                "WEB_THREADS", "WEB_CONCURRENCY", "SQLITE_SYNCHRONOUS", "GUNICORN_CMD_ARGS", "KEEPALIVE_REQUESTS",
+                "CLIENT_TIMEOUT")
 
 
 @dataclass(frozen=True)
@@ -233,8 +235,8 @@ def run_wrk(target: str, url: str, script: Path, clients: int, seconds: int, war
     total = int(re.search(r"(\d+) requests in", out).group(1))
     non_2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
     socket_errors = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
-    # A sync gunicorn worker closes the connection after each response; wrk counts the reconnect
-    # as a read error, so only connect errors, timeouts and non-2xx count as failures.
+    # A connection the server closes (after KEEPALIVE_REQUESTS; a sync worker after every response)
+    # can show as a read error in wrk, so only connect errors, timeouts and non-2xx count as failures.
     bad = int(non_2xx.group(1)) if non_2xx else 0
     if socket_errors:
         bad += int(socket_errors.group(1)) + int(socket_errors.group(4))
@@ -336,7 +338,7 @@ class Target:
 
 
 def _workers(threads: int) -> str:
-    return "2 sync workers" if threads == 1 else f"2 gthread workers x {threads} threads"
+    return "2 event-loop workers" if threads == 1 else f"2 gthread workers x {threads} threads"
 
 
 def _bare_command() -> list[str]:

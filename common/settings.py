@@ -213,8 +213,15 @@ def web_concurrency() -> int:
 
 
 def web_threads() -> int:
-    """WEB_THREADS; request threads per worker (default 4: gthread workers; 1: sync workers)."""
-    return read_int("WEB_THREADS", 4, minimum=1, maximum=64)
+    """WEB_THREADS; request threads per worker (default 1: requests are served on each worker's event
+    loop, service/worker.py; more than 1: gunicorn's gthread workers with that many threads)."""
+    return read_int("WEB_THREADS", 1, minimum=1, maximum=64)
+
+
+def client_timeout() -> float:
+    """CLIENT_TIMEOUT; seconds a client may stall one read or write while the default worker serves
+    its request (default 10), after which the worker drops it and goes on."""
+    return read_float("CLIENT_TIMEOUT", 10.0, minimum=0.1, maximum=25.0)
 
 
 def keepalive_requests() -> int:

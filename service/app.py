@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import orjson
 from flask import Flask, Response, g, request
-from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
+from werkzeug.exceptions import ClientDisconnected, HTTPException, RequestEntityTooLarge
 
 from common import settings
 from common.features import AmountScaler, FeatureConfigError, load_feature_config
@@ -245,7 +245,8 @@ def _json_body() -> object:
     """The request's JSON body, after the content-type and size checks.
 
     Raises:
-        ApiError: unsupported_media_type or malformed_json; werkzeug raises 413 for a large body.
+        ApiError: unsupported_media_type, malformed_json or request_timeout; werkzeug raises 413
+            for a large body.
     """
     if request.mimetype != "application/json":
         given = request.mimetype or "none"
@@ -253,7 +254,15 @@ def _json_body() -> object:
     charset = request.mimetype_params.get("charset")
     if charset is not None and charset.lower().replace("-", "") != "utf8":
         raise ApiError("unsupported_media_type", f"charset {charset} is not accepted; JSON must be UTF-8")
-    body = request.get_data(cache=False)
+    try:
+        body = request.get_data(cache=False)
+    except ClientDisconnected as exc:
+        # werkzeug reports any failed read so; a timeout is the default worker's socket timeout
+        # (service/worker.py), when the client stalled in the middle of the body.
+        if isinstance(exc.__context__, TimeoutError):
+            raise ApiError("request_timeout", f"the body stopped arriving for {settings.client_timeout():g} s "
+                                              "(CLIENT_TIMEOUT); send it whole") from None
+        raise
     limit = request.max_content_length
     if limit is not None and len(body) >= limit and request.content_length is None \
             and request.environ["wsgi.input"].read(1):

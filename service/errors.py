@@ -11,6 +11,8 @@ ERROR_STATUS: dict[str, int] = {
     "unauthorized": 401,
     "not_found": 404,
     "method_not_allowed": 405,
+    # The default worker gives a client CLIENT_TIMEOUT seconds per read of the body (service/worker.py).
+    "request_timeout": 408,
     "payload_too_large": 413,
     # 400, not 413: the body may be small; the row count is a limit of this endpoint (MAX_ROWS).
     "too_many_rows": 400,

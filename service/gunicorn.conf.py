@@ -28,14 +28,16 @@ wsgi_app = "service.app:create_app()"
 bind = [f"{settings.host()}:{settings.port()}"]
 workers = settings.web_concurrency()
 threads = settings.web_threads()
-# gthread (default, 4 threads per worker): keeps client connections alive, and a client that
-# connects and stays silent holds a thread for at most 5 s (gunicorn then hands the connection back
-# to its poller). A sync worker serves one connection at a time and waits for it without a limit:
-# measured here, two idle connections stopped a 2-sync-worker service (no /health answer in 20 s),
-# while 16 delayed the gthread service by 4.5 s. gunicorn's docs pair sync workers with a buffering
-# proxy; behind one they are faster here (benchmarks/serve.py, 8 clients, single rows: sync 3,021
-# req/s, p99 5.3 ms; gthread 2,273 req/s, p99 10.4 ms). WEB_THREADS=1 selects them.
-worker_class = "gthread" if threads > 1 else "sync"
+# WEB_THREADS=1 (default): service/worker.py's EventLoopWorker. Connections wait in a poller while
+# they are idle, as with gthread, and a readable one is served at once in the worker's own thread.
+# Measured with benchmarks/serve.py's load (8 connections, single rows, four interleaved rounds):
+# 1,856 req/s, p99 11.4 ms; gthread with 4 threads 1,222 req/s, p99 22.2 ms; sync workers 1,547
+# req/s, p99 11.0 ms. A sync worker also waits for an idle connection without a limit: two of them
+# stopped a 2-sync-worker service (no /health answer in 20 s). WEB_THREADS>1: gthread, for an app
+# whose requests wait on I/O long enough for threads to pay.
+worker_class = "service.worker.EventLoopWorker" if threads == 1 else "gthread"
+# Read here so that a bad value stops the server at start; each EventLoopWorker reads it again.
+_client_timeout = settings.client_timeout()
 # A kept-alive connection stays on the worker that accepted it. With a few busy connections (a
 # client's pool, a proxy's upstream pool, wrk's 8) that split is a lottery: all 8 on one worker
 # halved throughput (1,270 vs 2,560 req/s when split 4/4). Closing each connection after

@@ -13,8 +13,8 @@ from service.errors import ERROR_STATUS
 from service.parsing import FEATURE_LIMIT, INVOCATION_FORMATS, MAX_REQUEST_ID_LENGTH, NAMED_COLUMNS, V_FEATURES
 
 API_VERSION = "1.0.0"
-_FEEDBACK_CODES = ("malformed_json", "invalid_input", "too_many_rows", "unauthorized", "payload_too_large",
-                   "unsupported_media_type", "request_log_unavailable")
+_FEEDBACK_CODES = ("malformed_json", "invalid_input", "too_many_rows", "unauthorized", "request_timeout",
+                   "payload_too_large", "unsupported_media_type", "request_log_unavailable")
 
 
 def _ref(name: str) -> dict:
@@ -34,6 +34,7 @@ def _error_response(description: str, codes: list[str]) -> dict:
 _STATUS_TEXT = {
     400: "Malformed JSON or input the endpoint does not take; the message names the row and value.",
     401: "Missing or invalid Bearer token.",
+    408: "The client stopped sending the body for CLIENT_TIMEOUT seconds; nothing was scored or stored.",
     413: "The body is larger than MAX_BODY_BYTES.",
     415: "Content-Type is not application/json (UTF-8).",
     503: "The service cannot answer this now; nothing was scored or stored.",
@@ -247,7 +248,7 @@ def openapi_document(*, max_rows: int, max_body_bytes: int) -> dict:
         return {"description": description, "headers": request_id_header,
                 "content": {"application/json": {"schema": _ref(schema)}}}
 
-    scoring_errors = _errors(400, 401, 413, 415, 503)
+    scoring_errors = _errors(400, 401, 408, 413, 415, 503)
     return {
         "openapi": "3.1.0",
         "info": {
@@ -291,7 +292,7 @@ def openapi_document(*, max_rows: int, max_body_bytes: int) -> dict:
                 "security": bearer,
                 "requestBody": json_body("FeedbackRequest"),
                 "responses": {"200": ok("FeedbackResponse", "How many labels were stored; unknown ids listed."),
-                              **_errors(400, 401, 413, 415, 503, only=_FEEDBACK_CODES)},
+                              **_errors(400, 401, 408, 413, 415, 503, only=_FEEDBACK_CODES)},
             }},
             "/metrics": {"get": {
                 "operationId": "metrics",

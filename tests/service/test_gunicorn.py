@@ -25,7 +25,7 @@ from tests.service.test_app import parse_metrics
 START_SECONDS = 90
 # Variables of the developer's shell that would change what the server does.
 _SCRUBBED = ("API_TOKEN", "API_TOKEN_FILE", "MODEL_URI", "FRAUD_THRESHOLD", "PROMETHEUS_MULTIPROC_DIR", "LATEST_DB",
-             "WEB_THREADS", "SQLITE_SYNCHRONOUS", "GUNICORN_CMD_ARGS", "KEEPALIVE_REQUESTS")
+             "WEB_THREADS", "SQLITE_SYNCHRONOUS", "GUNICORN_CMD_ARGS", "KEEPALIVE_REQUESTS", "CLIENT_TIMEOUT")
 
 
 def free_port() -> int:
@@ -148,8 +148,9 @@ def test_gunicorn_serves_logs_aggregates_metrics_swaps_models_and_stops_cleanly(
 def test_tokens_rotate_through_the_token_file_and_sighup_without_a_restart(serving_registry, tmp_path, sample_rows):
     token_file = tmp_path / "tokens"
     token_file.write_text("old-token\n")
+    # With gunicorn's gthread worker (WEB_THREADS>1), so that both worker classes are served here.
     env = server_env(serving_registry.store, serving_registry.data, tmp_path, free_port(), WEB_CONCURRENCY="1",
-                     API_TOKEN_FILE=str(token_file))
+                     API_TOKEN_FILE=str(token_file), WEB_THREADS="4")
     server = Server(GUNICORN, env, tmp_path / "server.log")
 
     def status(token: str) -> int:
@@ -203,19 +204,76 @@ def test_kept_alive_connections_close_after_keepalive_requests_and_idle_ones_do_
         conn.request("POST", "/predict", body=body, headers=headers)
         assert conn.getresponse().status == 200
         conn.close()
-        # Clients that connect and stay silent (twice the worker's 4 threads) delay others by about
-        # gunicorn's 5 s, and do not stop the service as they would stop a sync worker.
+        # Clients that connect and stay silent wait in the worker's poller: they would stop a sync
+        # worker, and delay a gthread worker's threads by gunicorn's 5 s each.
         idle = [socket.create_connection(("127.0.0.1", server.port)) for _ in range(8)]
         try:
+            time.sleep(0.2)
             started = time.monotonic()
             assert requests.get(f"{server.url}/health", timeout=20).status_code == 200
-            assert time.monotonic() - started < 15
+            assert time.monotonic() - started < 3
         finally:
             for sock in idle:
                 sock.close()
     finally:
         code = server.stop()
     assert code == 0, server.output()[-3000:]
+
+
+@pytest.mark.slow
+def test_a_client_that_stalls_mid_request_is_dropped_after_client_timeout(serving_registry, tmp_path, sample_rows):
+    import json
+    import sqlite3
+
+    env = server_env(serving_registry.store, serving_registry.data, tmp_path, free_port(), WEB_CONCURRENCY="1",
+                     API_TOKEN=TOKEN, CLIENT_TIMEOUT="1")
+    server = Server(GUNICORN, env, tmp_path / "server.log")
+    headers = {"Authorization": f"Bearer {TOKEN}"}
+
+    def logged_rows() -> int:
+        with sqlite3.connect(tmp_path / "requests.db") as db:
+            return db.execute("SELECT COUNT(*) FROM requests").fetchone()[0]
+
+    try:
+        server.wait_until(lambda: requests.get(f"{server.url}/ready", timeout=5).ok, "readiness")
+        assert requests.post(f"{server.url}/predict", json={"data": [sample_rows[0]]}, headers=headers,
+                             timeout=10).status_code == 200
+        assert logged_rows() == 1
+        # Half a request line and header: the one worker serves it, waits 1 s for the rest, drops it.
+        stalled = socket.create_connection(("127.0.0.1", server.port))
+        stalled.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\n")
+        stalled.settimeout(10)
+        started = time.monotonic()
+        assert stalled.recv(100) == b""
+        assert 0.5 < time.monotonic() - started < 8
+        stalled.close()
+        assert requests.get(f"{server.url}/health", timeout=10).status_code == 200
+        # The whole header, then 10 of the 1,000 body bytes it announces: a JSON 408, nothing logged.
+        body = json.dumps({"data": [sample_rows[0]]}).encode()
+        stalled = socket.create_connection(("127.0.0.1", server.port))
+        stalled.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                        b"Authorization: Bearer " + TOKEN.encode() + b"\r\nContent-Length: 1000\r\n\r\n" + body[:10])
+        stalled.settimeout(10)
+        answer = b""
+        while b"\r\n\r\n" not in answer or not answer.rstrip().endswith(b"}"):
+            chunk = stalled.recv(4096)
+            if not chunk:
+                break
+            answer += chunk
+        stalled.close()
+        head, _, payload = answer.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 408"), answer
+        error = json.loads(payload)["error"]
+        assert error["code"] == "request_timeout" and "CLIENT_TIMEOUT" in error["message"]
+        # The worker goes on, and only the complete request was logged.
+        assert requests.post(f"{server.url}/predict", json={"data": [sample_rows[1]]}, headers=headers,
+                             timeout=10).status_code == 200
+        assert logged_rows() == 2
+    finally:
+        code = server.stop()
+    output = server.output()
+    assert code == 0, output[-3000:]
+    assert "WORKER TIMEOUT" not in output
 
 
 @pytest.mark.slow
@@ -266,3 +324,17 @@ def test_the_printed_curl_command_sends_one_valid_row():
     assert command.startswith("curl -s -X POST http://127.0.0.1:5000/predict -H 'Authorization: Bearer abc' ")
     body = __import__("json").loads(re.search(r"-d '(.*)'$", command).group(1))
     assert len(body["data"]) == 1 and len(body["data"][0]) == 29
+
+
+def test_client_timeout_defaults_to_10_s_and_refuses_values_gunicorn_would_cut_short(monkeypatch):
+    from common import settings
+
+    monkeypatch.delenv("CLIENT_TIMEOUT", raising=False)
+    assert settings.client_timeout() == 10.0
+    monkeypatch.setenv("CLIENT_TIMEOUT", "2.5")
+    assert settings.client_timeout() == 2.5
+    # Above 25 s a stalled client would outlast gunicorn's 30 s worker timeout and get the worker killed.
+    for bad in ("0", "26", "abc", "nan"):
+        monkeypatch.setenv("CLIENT_TIMEOUT", bad)
+        with pytest.raises(settings.SettingsError):
+            settings.client_timeout()

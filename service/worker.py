@@ -1,0 +1,144 @@
+"""The service's default gunicorn worker: requests served on the worker's own event loop.
+
+gunicorn's gthread worker keeps connections in a poller (selectors) and hands each request to a
+thread pool; the pool thread hands the connection back through a pipe. That is two thread hand-offs
+per request, and with four threads per worker every request also queues for the GIL behind the
+others. Measured here (benchmarks/serve.py load, 8 connections, 2 workers, four interleaved
+rounds): 1,222 req/s, p99 22.2 ms, 10 context switches and 1.39 ms of CPU per request. A sync
+worker avoids the hand-offs but serves one connection at a time and waits for it without a limit,
+so two idle connections stop a two-worker service.
+
+`EventLoopWorker` keeps gthread's poller and drops its pool:
+
+- a new connection waits in the poller until it has sent something, and a kept-alive one between
+  requests (for `keepalive` seconds, as in gthread), so idle connections cost nothing;
+- a readable connection is served at once, in the worker's main thread, and goes back to the
+  poller if it stays open.
+
+Same load: 1,856 req/s, p99 11.4 ms, 1.45 context switches and 0.97 ms of CPU per request.
+
+The worker serves one request at a time, so a client that stops sending in the middle of a request,
+or stops reading the response, would hold it. Its socket therefore has a timeout (CLIENT_TIMEOUT,
+default 10 s) for each read and write while a request is served: the worker drops such a client
+and goes on, well before gunicorn's own `timeout` would restart it. A buffering proxy (nginx, an
+ingress) in front removes the issue altogether.
+
+Built on gunicorn's `ThreadWorker` (gunicorn is pinned in requirements.txt): it overrides how
+connections are accepted and where a readable one is served, and keeps the rest (keep-alive
+bookkeeping, timeouts of idle connections, graceful shutdown, the heartbeat).
+"""
+
+from __future__ import annotations
+
+import errno
+import selectors
+import socket
+import time
+from concurrent import futures
+from functools import partial
+
+from gunicorn.workers.gthread import TConn, ThreadWorker
+
+from common import settings
+
+
+class _TimedSocket(socket.socket):
+    """A client socket whose blocking mode has a timeout.
+
+    gunicorn switches a connection to blocking mode before it serves a request on it, and back to
+    non-blocking mode when the connection returns to the poller; here blocking mode means "block
+    for at most `timeout` seconds" instead of without a limit.
+    """
+
+    __slots__ = ()
+    timeout_seconds: float = 10.0
+
+    def setblocking(self, flag: bool) -> None:
+        if flag:
+            self.settimeout(self.timeout_seconds)
+        else:
+            super().setblocking(False)
+
+
+class _NoPool:
+    """Stands in for gthread's thread pool, which this worker does not have."""
+
+    def shutdown(self, wait: bool = True) -> None:
+        pass
+
+
+class EventLoopWorker(ThreadWorker):
+    """gunicorn's gthread worker without the thread pool: see the module docstring."""
+
+    def init_process(self) -> None:
+        _TimedSocket.timeout_seconds = settings.client_timeout()
+        super().init_process()
+
+    def get_thread_pool(self) -> _NoPool:
+        return _NoPool()
+
+    def accept(self, listener) -> None:
+        """Take a new connection and let it wait in the poller until the client sends something."""
+        try:
+            client, address = listener.accept()
+        except OSError as exc:
+            if exc.errno in (errno.EAGAIN, errno.ECONNABORTED, errno.EWOULDBLOCK):
+                return
+            raise
+        timed = _TimedSocket(client.family, client.type, client.proto, fileno=client.detach())
+        self.nr_conns += 1
+        conn = TConn(self.cfg, timed, address, listener.getsockname())
+        # gthread's queue of connections that have not sent anything yet: dropped after `keepalive`
+        # seconds (murder_pending), in the order they came, so appending keeps it sorted.
+        conn.timeout = time.monotonic() + self.cfg.keepalive
+        self.pending_conns.append(conn)
+        self.poller.register(conn.sock, selectors.EVENT_READ, partial(self.on_pending_socket_readable, conn))
+
+    def enqueue_req(self, conn) -> None:
+        """Serve the readable connection now, in this thread, then keep it or close it."""
+        done: futures.Future = futures.Future()
+        try:
+            done.set_result(self.handle(conn))
+        except Exception as exc:  # handle() logs what it can; finish_request closes the connection
+            done.set_exception(exc)
+        self.finish_request(conn, done)
+        # Several readable connections are served in one turn of the loop, which tells the arbiter
+        # it is alive only once per turn: a few slow requests in a row must not look like a hang.
+        self.notify()
+
+    # gthread closes a connection that has been idle for `keepalive` seconds. Its main thread is
+    # never busy, so "idle" means no data came. Here a request may arrive while the worker serves
+    # another (a slow one: a locked request log, a stalled client), and closing its connection then
+    # would reset it, request unread. Such connections stay, and the next turn serves them.
+
+    def murder_keepalived(self) -> None:
+        self._close_idle(self.keepalived_conns)
+
+    def murder_pending(self) -> None:
+        self._close_idle(self.pending_conns)
+
+    def _close_idle(self, conns) -> None:
+        now = time.monotonic()
+        waiting = []
+        while conns and conns[0].timeout <= now:
+            conn = conns.popleft()
+            if _has_data(conn.sock):
+                waiting.append(conn)
+                continue
+            try:
+                self.poller.unregister(conn.sock)
+            except (KeyError, ValueError, OSError):
+                pass
+            self.nr_conns -= 1
+            conn.close()
+        conns.extendleft(reversed(waiting))  # still the oldest: the queue stays in timeout order
+
+
+def _has_data(sock: socket.socket) -> bool:
+    """Whether bytes wait to be read on the connection (not: it is idle, or the client closed it)."""
+    try:
+        return bool(sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT))
+    except (BlockingIOError, InterruptedError):
+        return False
+    except OSError:
+        return False
