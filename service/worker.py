@@ -106,11 +106,6 @@ class EventLoopWorker(ThreadWorker):
         # it is alive only once per turn: a few slow requests in a row must not look like a hang.
         self.notify()
 
-    # gthread closes a connection that has been idle for `keepalive` seconds. Its main thread is
-    # never busy, so "idle" means no data came. Here a request may arrive while the worker serves
-    # another (a slow one: a locked request log, a stalled client), and closing its connection then
-    # would reset it, request unread. Such connections stay, and the next turn serves them.
-
     def murder_keepalived(self) -> None:
         self._close_idle(self.keepalived_conns)
 
@@ -118,6 +113,13 @@ class EventLoopWorker(ThreadWorker):
         self._close_idle(self.pending_conns)
 
     def _close_idle(self, conns) -> None:
+        """Close the connections of `conns` that have waited `keepalive` seconds without data.
+
+        gthread closes every connection whose time is up: its main thread is never busy, so such a
+        connection sent nothing. Here a request may arrive while the worker serves another (a slow
+        one: a locked request log, a stalled client), and closing its connection would reset it
+        with the request unread. Such a connection stays, and the next turn of the loop serves it.
+        """
         now = time.monotonic()
         waiting = []
         while conns and conns[0].timeout <= now:
@@ -138,7 +140,5 @@ def _has_data(sock: socket.socket) -> bool:
     """Whether bytes wait to be read on the connection (not: it is idle, or the client closed it)."""
     try:
         return bool(sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT))
-    except (BlockingIOError, InterruptedError):
-        return False
-    except OSError:
+    except OSError:  # BlockingIOError: nothing to read; anything else: the connection is gone
         return False
