@@ -1190,8 +1190,9 @@ def send_hostile(url: str, item: Hostile, timeout: float = 60.0) -> tuple[int | 
 
 
 # The worst accepted body (4 MB of `[[],[],...]`) decodes to about a million Python objects, ~100 MB
-# for a moment, and each of a gthread worker's request threads keeps its own malloc arena, so a
-# worker that has served it on all 4 threads sits a few hundred MB above its start. A body read past
+# for a moment. With gthread workers (WEB_THREADS=4) each request thread keeps its own malloc arena,
+# so a worker that has served it on all 4 threads sits a few hundred MB above its start; the default
+# event-loop worker serves every request on one thread. A body read past
 # MAX_BODY_BYTES (the 64 MB chunked one would decode to several GB) or payloads kept after their
 # requests would cross this bound.
 PEAK_GROWTH_MB = 600

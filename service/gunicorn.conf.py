@@ -3,8 +3,9 @@
     gunicorn -c service/gunicorn.conf.py "service.app:create_app()"
 
 Run from the repository root (gunicorn puts the working directory on sys.path first). Settings come
-from the environment (HOST, PORT, WEB_CONCURRENCY, WEB_THREADS, LOG_LEVEL; see the README); gunicorn's
-own flags and GUNICORN_CMD_ARGS still override them, e.g. `--access-logfile -` for an access log.
+from the environment (HOST, PORT, WEB_CONCURRENCY, WEB_THREADS, CLIENT_TIMEOUT, KEEPALIVE_REQUESTS,
+LOG_LEVEL; see the README); gunicorn's own flags and GUNICORN_CMD_ARGS still override them, e.g.
+`--access-logfile -` for an access log.
 
 The app is created in each worker after fork (no preload_app): the model, the poller thread and the
 database engine belong to one worker, and the master never loads a model. The master only imports
