@@ -211,7 +211,8 @@ class _Checkpointer:
                     self._thread = threading.Thread(target=self._run, name="sqlite-wal-checkpoint", daemon=True)
                     self._thread.start()
                     self._pid = os.getpid()
-        self._pending.set()
+        if not self._pending.is_set():  # set() takes a lock and notifies: once per checkpoint is enough
+            self._pending.set()
 
     def close(self, timeout: float = 5.0) -> None:
         with self._guard:
