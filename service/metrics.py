@@ -86,13 +86,12 @@ class Metrics:
         """Count decisions and observe the probabilities of one scored batch."""
         if len(is_fraud) == 1:  # the common single-row request, without numpy's per-call overhead
             (self._fraud if is_fraud[0] else self._legit).inc()
-            self.probability.observe(float(probabilities[0]))
-            return
-        frauds = int(np.count_nonzero(is_fraud))
-        if frauds:
-            self._fraud.inc(frauds)
-        if len(is_fraud) - frauds:
-            self._legit.inc(len(is_fraud) - frauds)
+        else:
+            frauds = int(np.count_nonzero(is_fraud))
+            if frauds:
+                self._fraud.inc(frauds)
+            if len(is_fraud) - frauds:
+                self._legit.inc(len(is_fraud) - frauds)
         observe_many(self.probability, probabilities)
 
     def render(self) -> tuple[bytes, str]:
