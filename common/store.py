@@ -398,7 +398,7 @@ class RequestStore:
         """
         return self._with_retries(lambda conn: self._insert(conn, rows, ignore_existing), len(rows), retries, backoff)
 
-    def insert_values(self, columns: Sequence[str], rows: Sequence[Sequence], *, retries: int = 3,
+    def insert_values(self, columns: Sequence[str], rows: Sequence[Sequence] | np.ndarray, *, retries: int = 3,
                       backoff: float = 0.05) -> int:
         """Insert plain value tuples in one transaction: the request log's hot path.
 
@@ -409,7 +409,8 @@ class RequestStore:
 
         Args:
             columns: `requests` column names, in the order of each row's values.
-            rows: one sequence of values per row.
+            rows: one sequence of values per row, or a 2-D array with one column per name (dtype
+                object for mixed values: its cells are handed to the driver as they are).
             retries: further attempts after the first when the database is locked or unreachable.
             backoff: seconds before the first retry; doubles each time.
 
@@ -427,14 +428,18 @@ class RequestStore:
             if unknown:
                 raise ValueError(f"not columns of the requests table: {sorted(unknown)}")
         sql = self._insert_statement(key, 1)
-        if not rows:
-            return 0
-        rows = rows if isinstance(rows, list) else list(rows)
         width = len(key)
-        bad = next((i for i, row in enumerate(rows) if len(row) != width), None)
-        if bad is not None:
-            # Multi-row statements take the values end to end: a short row would shift the rest.
-            raise ValueError(f"row {bad} has {len(rows[bad])} values for {width} columns")
+        if isinstance(rows, np.ndarray):
+            if rows.ndim != 2 or rows.shape[1] != width:
+                raise ValueError(f"an array of rows must have shape (n, {width}), not {rows.shape}")
+        else:
+            rows = rows if isinstance(rows, list) else list(rows)
+            bad = next((i for i, row in enumerate(rows) if len(row) != width), None)
+            if bad is not None:
+                # Multi-row statements take the values end to end: a short row would shift the rest.
+                raise ValueError(f"row {bad} has {len(rows[bad])} values for {width} columns")
+        if len(rows) == 0:
+            return 0
         dbapi = self.engine.dialect.loaded_dbapi
         last: Exception | None = None
         for attempt in range(retries + 1):
@@ -446,7 +451,7 @@ class RequestStore:
                         if self.dialect == "sqlite":
                             self._execute_in_chunks(cursor, key, rows)
                         else:  # psycopg pipelines executemany itself
-                            cursor.executemany(sql, rows)
+                            cursor.executemany(sql, rows.tolist() if isinstance(rows, np.ndarray) else rows)
                     finally:
                         cursor.close()
                     conn.commit()
@@ -463,18 +468,20 @@ class RequestStore:
                     time.sleep(backoff * (2**attempt))
         raise StoreUnavailable(f"request store {describe(self.location)} unavailable: {_short(last)}")
 
-    def _execute_in_chunks(self, cursor, key: tuple[str, ...], rows: list) -> None:
+    def _execute_in_chunks(self, cursor, key: tuple[str, ...], rows: list | np.ndarray) -> None:
         """Insert rows through multi-row statements, all in the caller's transaction. The chunk sizes
         are ROWS_PER_STATEMENT and then powers of two, so a writer connection prepares at most a
         dozen statement shapes, and SQLite's statement cache keeps them all."""
+        array = isinstance(rows, np.ndarray)
         if len(rows) == 1:  # the common single-row request: the one-row statement, no copying
-            cursor.execute(self._insert_statement(key, 1), rows[0])
+            cursor.execute(self._insert_statement(key, 1), rows[0].tolist() if array else rows[0])
             return
         most = min(ROWS_PER_STATEMENT, cursor.connection.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER) // len(key))
         start = 0
         for size in _chunk_sizes(len(rows), most):
+            chunk = rows[start:start + size]
             cursor.execute(self._insert_statement(key, size),
-                           list(itertools.chain.from_iterable(rows[start:start + size])))
+                           chunk.ravel().tolist() if array else list(itertools.chain.from_iterable(chunk)))
             start += size
 
     def _insert_statement(self, key: tuple[str, ...], rows: int) -> str:

@@ -59,6 +59,12 @@ def test_records_with_raw_amount_score_like_the_scaled_row_and_log_the_amount(ap
     by_row = client.post("/predict", json={"data": [row]}, headers=AUTH).get_json()
     assert by_record["fraud_probability"] == pytest.approx(by_row["fraud_probability"], abs=1e-12)
     assert logged(app)["Amount"].tolist()[0] == raw_amount
+    # In a batch, only the rows that gave the raw Amount log one.
+    scaled = dict(zip(FEATURES, row, strict=True))
+    mixed = client.post("/predict", json={"records": [scaled, record, scaled]}, headers=AUTH).get_json()
+    assert mixed["fraud_probability"] == pytest.approx(by_row["fraud_probability"] * 3, abs=1e-12)
+    amounts = logged(app).set_index("request_id").loc[mixed["request_id"], "Amount"].tolist()
+    assert np.isnan(amounts[0]) and amounts[1] == raw_amount and np.isnan(amounts[2])
 
 
 def test_invocations_speaks_every_mlflow_format_and_logs_the_rows(app, client, sample_rows):

@@ -134,8 +134,9 @@ def test_insert_values_refuses_a_duplicate_request_id_and_unknown_columns(tmp_pa
     store.dispose()
 
 
-@pytest.mark.parametrize("rows_per_statement", [256, 3])
-def test_a_large_batch_lands_row_for_row_through_multi_row_statements(tmp_path, monkeypatch, rows_per_statement):
+@pytest.mark.parametrize(("rows_per_statement", "as_array"), [(256, False), (3, False), (256, True), (3, True)])
+def test_a_large_batch_lands_row_for_row_through_multi_row_statements(tmp_path, monkeypatch, rows_per_statement,
+                                                                      as_array):
     import common.store
     from service.request_log import COLUMNS
 
@@ -146,7 +147,7 @@ def test_a_large_batch_lands_row_for_row_through_multi_row_statements(tmp_path, 
         features = rng.normal(size=(n, 29)).round(6)
         rows = [(f"batch{n}-{i}", float(i), *features[i], None if i % 2 else 10.0 * i, i / n, i % 2, 0.5,
                  "fraud-detector", str(n)) for i in range(n)]
-        assert store.insert_values(COLUMNS, rows) == n
+        assert store.insert_values(COLUMNS, np.array(rows, dtype=object) if as_array else rows) == n
         frame = store.read_frame(("request_id", "ts", *FEATURES, "Amount", "score", "decision", "model_version"))
         frame = frame[frame["model_version"] == str(n)]
         assert frame["request_id"].tolist() == [r[0] for r in rows]
@@ -178,6 +179,8 @@ def test_a_batch_is_one_transaction_across_statements_and_a_ragged_row_is_refuse
     ragged[3] = ragged[3][:-1]
     with pytest.raises(ValueError, match=f"row 3 has {len(COLUMNS) - 1} values for {len(COLUMNS)} columns"):
         store.insert_values(COLUMNS, ragged)
+    with pytest.raises(ValueError, match=rf"must have shape \(n, {len(COLUMNS)}\), not \(5, {len(COLUMNS) - 1}\)"):
+        store.insert_values(COLUMNS, np.array([r[:len(COLUMNS) - 1] for r in ragged], dtype=object))
     assert store.count() == 1
     assert store.insert_values(COLUMNS, batch[:9]) == 9  # and the writer goes on
     assert store.count() == 10
