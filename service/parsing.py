@@ -11,6 +11,7 @@ stored feature config, exactly as training did.
 from __future__ import annotations
 
 import gc
+import itertools
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -206,10 +207,10 @@ def rows_array(rows: object, field: str, *, max_rows: int, names: tuple[str, ...
     # Fast path: row lengths, then one pass over the types, one conversion. Anything odd falls through
     # to _explain_rows, which names the first problem; a row of a million values (a 4 MB body) is
     # refused there on its length, without touching its values.
-    if all(type(row) is list and len(row) == width for row in rows) \
-            and {type(v) for row in rows for v in row} <= _NUMBER_TYPES:
+    if all(type(row) is list and len(row) == width for row in rows) and _numbers_only(rows):
         try:
-            X = np.array(rows, dtype=np.float64)
+            X = (np.array(rows, dtype=np.float64) if len(rows) == 1 else  # fromiter: 0.8x of np.array at 1,000
+                 np.fromiter(itertools.chain.from_iterable(rows), np.float64, len(rows) * width).reshape(-1, width))
         except (ValueError, OverflowError):
             X = None
         if X is not None and X.ndim == 2 and X.shape[1] == width:
@@ -248,7 +249,7 @@ def records_batch(records: object, field: str, *, max_rows: int, scaler: ScalerS
     def field_name(i: int, j: int) -> str:
         return V_FEATURES[j] if j < len(V_FEATURES) else (RAW_AMOUNT if i in raw else SCALED)
 
-    if not {type(v) for row in rows for v in row} <= _NUMBER_TYPES:
+    if not _numbers_only(rows):
         for i, row in enumerate(rows):
             for j, v in enumerate(row):
                 if type(v) not in _NUMBER_TYPES:
@@ -261,6 +262,17 @@ def records_batch(records: object, field: str, *, max_rows: int, scaler: ScalerS
     amount[raw_rows] = X[raw_rows, -1]
     X[raw_rows, -1] = scaler().transform(amount[raw_rows])
     return Batch(X, amount)
+
+
+def _numbers_only(rows: list[list]) -> bool:
+    """Whether every value in the rows is an int or a float (not a bool, str, None, list ...).
+
+    Counting types in a list runs in C, with identity comparisons for the usual all-float rows:
+    0.5x the time of collecting them in a set (1,000 rows of 29 floats).
+    """
+    types = list(map(type, itertools.chain.from_iterable(rows)))
+    floats = types.count(float)
+    return floats == len(types) or floats + types.count(int) == len(types)
 
 
 def _check_count(items: object, field: str, max_rows: int, what: str) -> None:
