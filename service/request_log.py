@@ -116,8 +116,9 @@ class RequestLog:
 
 def _values(ids: list[str], ts: float, batch: Batch, predictions: Predictions) -> list[tuple] | np.ndarray:
     """The COLUMNS values of each row: one tuple for the common single row, else an object array
-    filled column by column (for 1,000 rows about 1.5 ms less than a tuple per row, and the store
-    flattens it for its multi-row statements without copying value by value)."""
+    filled column by column. For 1,000 rows that takes about half the time of a tuple per row, and
+    the store hands each multi-row statement its values with one `ravel().tolist()` instead of
+    chaining the tuples."""
     threshold, name, version = predictions.threshold, predictions.model_name, predictions.model_version
     if len(ids) == 1:
         amount = None if batch.amount is None or np.isnan(batch.amount[0]) else float(batch.amount[0])
