@@ -118,11 +118,12 @@ class _WriterLock:
     # 0.5 ms, so as not to spin.
     #
     # Measured under benchmarks/serve.py's load (8 connections, two workers): 16 % of commits found
-    # the lock taken, and those waited a median 138 us, because a 50 us sleep lasts about twice that
-    # (the kernel's timer slack and the wake-up). Yielding instead, three runs of six interleaved
-    # rounds: +6.6 %, +7.1 % and +5.8 % req/s, with 2-4 % less CPU per request. A blocking flock,
-    # which puts the waiter to sleep until the lock is free, gained nothing (1.00x): the wake-up costs
-    # what the sleep did. Spinning for 0.1 or 2 ms instead of 0.5 made no difference (0.98x, 1.00x).
+    # the lock taken, and the 90th and 99th percentiles of all waits were 138 and 190 us: a 50 us
+    # sleep lasts a median 121 us here (the kernel's timer slack and the wake-up). Yielding instead,
+    # three runs of six interleaved rounds: +6.6 %, +7.1 % and +5.8 % req/s, with 2-4 % less CPU per
+    # request. A blocking flock, which puts the waiter to sleep until the lock is free, gained
+    # nothing (1.00x): the wake-up costs what the sleep did. Yielding for 0.1 or 2 ms instead of 0.5
+    # made no difference (0.98x, 1.00x).
     _SPIN_SECONDS = 0.0005
     _SHORT_POLL_SECONDS = 0.00005
     _SHORT_WAIT_SECONDS = 0.002

@@ -236,7 +236,9 @@ def openapi_document(*, max_rows: int, max_body_bytes: int) -> dict:
     """The OpenAPI 3.1 document for these limits."""
     bearer = [{"bearerAuth": []}]
     request_id_header = {
-        "X-Request-ID": {"description": "This request's id, also in the service log.", "schema": {"type": "string"}},
+        "X-Request-ID": {"description": "This request's id, also in the service log: a UUID version 7 as 32 hex "
+                                        "digits, so ids sort by the time they were made.",
+                         "schema": {"type": "string"}},
         "Server-Timing": {"description": "`app;dur=<ms>`: time spent in the app, from parsed request to response.",
                           "schema": {"type": "string"}},
     }
