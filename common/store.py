@@ -481,16 +481,22 @@ class RequestStore:
         raise StoreUnavailable(f"request store {describe(self.location)} unavailable: {_short(last)}")
 
     def _execute_in_chunks(self, cursor, key: tuple[str, ...], rows: list | np.ndarray) -> None:
-        """Insert rows through multi-row statements, all in the caller's transaction. The chunk sizes
-        are ROWS_PER_STATEMENT and then powers of two, so a writer connection prepares at most a
-        dozen statement shapes, and SQLite's statement cache keeps them all."""
+        """Insert rows through multi-row statements, in one transaction. The chunk sizes are
+        ROWS_PER_STATEMENT and then powers of two, so a writer connection prepares at most a dozen
+        statement shapes, and SQLite's statement cache keeps them all.
+
+        The writer connection is in autocommit mode (see `_writer`): a lone statement is its own
+        transaction, and several statements run inside a BEGIN that the caller's commit ends."""
         array = isinstance(rows, np.ndarray)
         if len(rows) == 1:  # the common single-row request: the one-row statement, no copying
             cursor.execute(self._insert_statement(key, 1), rows[0].tolist() if array else rows[0])
             return
         most = min(ROWS_PER_STATEMENT, cursor.connection.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER) // len(key))
+        sizes = list(_chunk_sizes(len(rows), most))
+        if len(sizes) > 1:
+            cursor.execute("BEGIN")
         start = 0
-        for size in _chunk_sizes(len(rows), most):
+        for size in sizes:
             chunk = rows[start:start + size]
             cursor.execute(self._insert_statement(key, size),
                            chunk.ravel().tolist() if array else list(itertools.chain.from_iterable(chunk)))
@@ -508,6 +514,11 @@ class RequestStore:
         conn = getattr(self._writers, "conn", None)
         if conn is None:
             conn = self._detached_connection()
+            if self.dialect == "sqlite":
+                # Autocommit: a single-row insert runs as one statement instead of three (the
+                # driver's implicit BEGIN, the INSERT, COMMIT); _execute_in_chunks opens a
+                # transaction itself when it needs several statements.
+                conn.isolation_level = None
             if self._checkpointer is not None:
                 conn.execute("PRAGMA wal_autocheckpoint=0")  # the checkpointer thread does it
             self._writers.conn = conn
