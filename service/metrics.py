@@ -13,6 +13,8 @@ cannot reach the registry).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 from prometheus_client import (
     CONTENT_TYPE_PLAIN_0_0_4,
@@ -82,7 +84,7 @@ class Metrics:
             child = self._latency_children[(endpoint, status)] = self.latency.labels(endpoint, str(status))
         child.observe(seconds)
 
-    def count_predictions(self, probabilities: np.ndarray, is_fraud: np.ndarray) -> None:
+    def count_predictions(self, probabilities: Sequence[float], is_fraud: Sequence[bool]) -> None:
         """Count decisions and observe the probabilities of one scored batch."""
         if len(is_fraud) == 1:  # the common single-row request, without numpy's per-call overhead
             (self._fraud if is_fraud[0] else self._legit).inc()
@@ -105,17 +107,17 @@ class Metrics:
         return generate_latest(self.registry), CONTENT_TYPE_PLAIN_0_0_4
 
 
-def observe_many(histogram: Histogram, values: np.ndarray) -> None:
+def observe_many(histogram: Histogram, values: Sequence[float]) -> None:
     """Observe every value, one increment per bucket rather than per value.
 
     A 1,000-row batch would otherwise cost 1,000 `observe` calls. This adds the same counts to the
     same bucket and sum values `Histogram.observe` updates (prometheus_client 0.26, pinned): each
     value counts in the first bucket whose upper bound is >= the value.
     """
-    values = np.asarray(values, dtype=np.float64)
-    if values.size == 1:
+    if len(values) == 1:
         histogram.observe(float(values[0]))
         return
+    values = np.asarray(values, dtype=np.float64)
     bounds = np.asarray(histogram._upper_bounds, dtype=np.float64)
     counts = np.bincount(np.searchsorted(bounds, values, side="left"), minlength=len(bounds))
     histogram._sum.inc(float(values.sum()))

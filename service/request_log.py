@@ -148,7 +148,7 @@ def _values(ids: list[str], ts: float, batch: Batch, predictions: Predictions) -
     threshold, name, version = predictions.threshold, predictions.model_name, predictions.model_version
     if len(ids) == 1:
         amount = None if batch.amount is None or np.isnan(batch.amount[0]) else float(batch.amount[0])
-        return [(ids[0], ts, *batch.X[0].tolist(), amount, float(predictions.probabilities[0]),
+        return [(ids[0], ts, *batch.X[0].tolist(), amount, predictions.probabilities[0],
                  int(predictions.is_fraud[0]), threshold, name, version)]
     values = np.empty((len(ids), len(COLUMNS)), dtype=object)  # None in every cell until filled
     values[:, 0] = ids

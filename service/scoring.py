@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -33,8 +34,11 @@ class ServingModel:
 
 @dataclass(frozen=True)
 class Predictions:
-    probabilities: np.ndarray  # (n,) float64 in [0, 1]
-    is_fraud: np.ndarray  # (n,) bool: probability >= threshold
+    """One request's scores. For a single row the sequences are lists of one Python float and one
+    bool; for more rows they are numpy arrays. Both index, iterate and serialise alike."""
+
+    probabilities: Sequence[float]  # (n,) in [0, 1]: float64 array, or [float] for one row
+    is_fraud: Sequence[bool]  # (n,) probability >= threshold: bool array, or [bool] for one row
     threshold: float
     model_name: str
     model_version: str
@@ -49,6 +53,9 @@ def score(rows: np.ndarray, model: ServingModel) -> Predictions:
     Raises:
         ValueError: rows is not an (n, 29) array.
     """
+    if len(rows) == 1:  # the common single row: Python scalars from the model on (see predict_one)
+        p = model.bundle.predict_one(rows)
+        return Predictions([p], [p >= model.threshold], model.threshold, model.name, model.version)
     # Contiguous: the scikit-learn flavor returns a column view of predict_proba's (n, 2) array,
     # which orjson refuses to serialise (every /predict of 2+ rows would answer 500).
     probabilities = np.ascontiguousarray(model.bundle.predict_proba(rows), dtype=np.float64)

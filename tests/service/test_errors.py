@@ -121,6 +121,8 @@ def test_an_unexpected_failure_is_a_json_500_with_the_request_id_and_a_logged_tr
         def predict_proba(self, _X):
             raise RuntimeError("boom")
 
+        predict_one = predict_proba
+
     current = service.watcher.current
     service.watcher.current = type(current)(Broken(), current.threshold, current.threshold_source, current.loaded_at)
     with caplog.at_level(logging.ERROR, logger="service"):

@@ -54,17 +54,50 @@ def test_uri_naming_nothing_is_a_model_load_error(suffix, trained_model):
         load_bundle_from_uri(f"models:/{trained_model.name}{suffix}", trained_model.store.client())
 
 
-def test_single_rows_score_like_the_batch_and_like_scikit_learn(trained_model):
+@pytest.mark.parametrize("flavor", ["onnx", "sklearn"])
+def test_single_rows_score_like_the_batch_and_like_scikit_learn(trained_model, flavor):
     client = trained_model.store.client()
-    bundle = load_bundle(client, trained_model.name, trained_model.version)
+    bundle = load_bundle(client, trained_model.name, trained_model.version, flavor=flavor)
+    assert bundle.flavor == flavor
     forest = mlflow.sklearn.load_model(client.get_model_version_download_uri(trained_model.name, trained_model.version))
     X = probe_rows(64) * 0.7
     batch = bundle.predict_proba(X)
     singles = np.array([bundle.predict_proba(X[i:i + 1])[0] for i in range(len(X))])
+    ones = [bundle.predict_one(X[i:i + 1]) for i in range(len(X))]
+    assert all(type(p) is float for p in ones)  # the service's single-row path hands on Python floats
     np.testing.assert_allclose(singles, batch, atol=0)
+    np.testing.assert_allclose(ones, batch, atol=0)
+    assert len(np.unique(batch)) > 5  # the probe reaches both classes: the comparison means something
     np.testing.assert_allclose(batch, sklearn_proba(forest, X), atol=1e-5)
     assert forest.verbose == 0  # the fit's progress output must not follow the model into serving
-    assert bundle.parity_max_abs_diff <= 1e-5
+    if flavor == "onnx":
+        assert bundle.parity_max_abs_diff <= 1e-5
+
+
+def test_onnx_probabilities_just_outside_0_and_1_are_clamped_for_single_rows_and_batches():
+    """ONNX Runtime sums the trees' votes in float32, so a probability can come out as 1.0000001.
+    A real session of a one-node model (its `probabilities` are the first two features) shows
+    that both scoring paths clamp."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    from common.model import N_FEATURES, ONNX_INPUT, ONNX_OUTPUT, _OnnxScorer, onnx_session
+
+    starts, ends, axes = (helper.make_tensor(n, TensorProto.INT64, [1], [v]) for n, v in
+                          (("starts", 0), ("ends", 2), ("axes", 1)))
+    graph = helper.make_graph(
+        [helper.make_node("Slice", [ONNX_INPUT, "starts", "ends", "axes"], [ONNX_OUTPUT])], "first-two",
+        [helper.make_tensor_value_info(ONNX_INPUT, TensorProto.FLOAT, [None, N_FEATURES])],
+        [helper.make_tensor_value_info(ONNX_OUTPUT, TensorProto.FLOAT, [None, 2])], [starts, ends, axes])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    scorer = _OnnxScorer(onnx_session(model.SerializeToString()))
+    X = np.zeros((3, N_FEATURES))
+    X[:, 1] = [1.0000001, -1e-7, 0.25]
+    assert np.float32(X[0, 1]) > 1 and np.float32(X[1, 1]) < 0  # the float32 input keeps them outside
+    assert scorer(X).tolist() == [1.0, 0.0, 0.25]
+    assert [scorer.one(X[i:i + 1]) for i in range(3)] == [1.0, 0.0, 0.25]
 
 
 def test_concurrent_single_row_scoring_matches_sequential(trained_model):
@@ -75,7 +108,7 @@ def test_concurrent_single_row_scoring_matches_sequential(trained_model):
 
     def work(offset: int) -> None:
         for i in range(offset, len(X), 4):
-            results[i] = bundle.predict_proba(X[i:i + 1])[0]
+            results[i] = bundle.predict_one(X[i:i + 1])  # each thread scores through its own row buffer
 
     threads = [threading.Thread(target=work, args=(k,)) for k in range(4)]
     for thread in threads:
@@ -91,6 +124,9 @@ def test_bundle_rejects_wrong_shapes_and_is_immutable(trained_model):
         bundle.predict_proba(np.zeros((2, 28)))
     with pytest.raises(ValueError, match=r"shape \(n, 29\)"):
         bundle.predict_proba(np.zeros(29))
+    for shape in ((2, 29), (29,), (1, 1), (1, 30)):
+        with pytest.raises(ValueError, match=r"shape \(1, 29\)"):
+            bundle.predict_one(np.zeros(shape))
     with pytest.raises(dataclasses.FrozenInstanceError):
         bundle.threshold = 0.1
     assert bundle.decide(np.array([bundle.threshold, np.nextafter(bundle.threshold, -1)])).tolist() == [True, False]
