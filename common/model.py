@@ -20,7 +20,8 @@ Decision rule: a row is fraud when its probability is >= the threshold (`is_frau
 uses the model's threshold unless FRAUD_THRESHOLD overrides it.
 
 Loading (`load_bundle`, `load_bundle_from_uri`) returns a `ModelBundle` whose `predict_proba`
-maps an (n, 29) array in FEATURES order to n fraud probabilities. With `flavor="auto"` it uses
+maps an (n, 29) array in FEATURES order to n fraud probabilities, and whose `predict_one` gives the
+probability of a single row as a Python float (the service's hot path). With `flavor="auto"` it uses
 ONNX Runtime when the ONNX artifact exists and agrees with the forest on a fixed probe set
 (about 20 µs per row), otherwise scikit-learn, and says why in `onnx_problem`. A version that is
 missing its model, has the wrong input schema or no valid threshold raises `ModelLoadError`;
