@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from common.model import load_bundle
@@ -172,3 +173,33 @@ def test_the_scikit_learn_flavor_scores_batches_like_onnx(app, client, sample_ro
     assert response.status_code == 200, response.get_data(as_text=True)
     np.testing.assert_allclose(response.get_json()["fraud_probability"], onnx_body["fraud_probability"], atol=1e-5)
     assert client.get("/version").get_json()["flavor"] == "sklearn"
+
+
+@pytest.mark.parametrize("flavor", ["onnx", "sklearn"])
+def test_a_single_row_answers_decides_and_logs_as_it_does_in_a_batch(app, client, reference_data, serving_registry,
+                                                                     flavor):
+    """One row takes its own path (Python scalars from the model on); it must agree with the batch path."""
+    from common.schema import LABEL
+    from service.scoring import ServingModel
+
+    if flavor == "sklearn":
+        watcher = service_of(app).watcher
+        forest = load_bundle(serving_registry.store.client(), serving_registry.name, "1", flavor="sklearn")
+        watcher.current = ServingModel(forest, watcher.current.threshold, "model", watcher.current.loaded_at)
+    frame = RequestStore(str(reference_data.db), create=False).read_frame((*FEATURES, LABEL))
+    rows = pd.concat([frame[frame[LABEL] == 1].head(4), frame[frame[LABEL] == 0].head(4)])[list(FEATURES)]
+    rows = rows.to_numpy().tolist()
+    batch = client.post("/predict", json={"data": rows}, headers=AUTH).get_json()
+    assert any(batch["is_fraud"]) and not all(batch["is_fraud"]), "the rows should take both decisions"
+    singles = [client.post("/predict", json={"data": [row]}, headers=AUTH).get_json() for row in rows]
+    assert [s["fraud_probability"] for s in singles] == [[p] for p in batch["fraud_probability"]]
+    assert [s["is_fraud"] for s in singles] == [[d] for d in batch["is_fraud"]]
+    invocations = [client.post("/invocations", json={"inputs": [row]}, headers=AUTH).get_json() for row in rows]
+    assert [i["predictions"] for i in invocations] == [[p] for p in batch["fraud_probability"]]
+
+    frame = logged(app).set_index("request_id")
+    for single in singles:
+        logged_row = frame.loc[single["request_id"][0]]
+        assert logged_row["score"] == single["fraud_probability"][0]
+        assert logged_row["decision"] == int(single["is_fraud"][0])
+    assert len(frame) == 3 * len(rows)
