@@ -55,7 +55,8 @@ def score(rows: np.ndarray, model: ServingModel) -> Predictions:
     """
     if len(rows) == 1:  # the common single row: Python scalars from the model on (see predict_one)
         p = model.bundle.predict_one(rows)
-        return Predictions([p], [p >= model.threshold], model.threshold, model.name, model.version)
+        decision = p >= model.threshold  # common.model.is_fraud's rule, on a float
+        return Predictions([p], [decision], model.threshold, model.name, model.version)
     # Contiguous: the scikit-learn flavor returns a column view of predict_proba's (n, 2) array,
     # which orjson refuses to serialise (every /predict of 2+ rows would answer 500).
     probabilities = np.ascontiguousarray(model.bundle.predict_proba(rows), dtype=np.float64)
