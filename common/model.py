@@ -43,6 +43,7 @@ import numpy as np
 
 from common.registry import stages_api, version_in_stage
 from common.schema import FEATURES, N_FEATURES
+from common.text import first_line
 
 MODEL_ARTIFACT = "model"
 ONNX_ARTIFACT = "onnx/model.onnx"
@@ -352,7 +353,7 @@ def load_bundle_from_uri(uri: str, mlflow_client=None, *, flavor: str = "auto") 
                 raise ModelLoadError(f"model URI {uri!r}: {name!r} has no version in stage {ref!r}")
             version = found.version
     except MlflowException as exc:
-        raise ModelLoadError(f"model URI {uri!r} names no model version: {_first_line(exc)}") from None
+        raise ModelLoadError(f"model URI {uri!r} names no model version: {first_line(exc)}") from None
     return load_bundle(mlflow_client, name, version, flavor=flavor)
 
 
@@ -384,7 +385,7 @@ def load_bundle(mlflow_client, name: str, version: str | int, *, flavor: str = "
             mv = mlflow_client.get_model_version(name, version)
             stage = mv.current_stage
     except MlflowException as exc:
-        raise ModelLoadError(f"{label} cannot be read from the registry: {_first_line(exc)}") from None
+        raise ModelLoadError(f"{label} cannot be read from the registry: {first_line(exc)}") from None
 
     with tempfile.TemporaryDirectory(prefix="fraud-model-") as tmp:
         try:
@@ -393,14 +394,14 @@ def load_bundle(mlflow_client, name: str, version: str | int, *, flavor: str = "
                                                         tracking_uri=mlflow_client.tracking_uri)
             mlmodel = Model.load(local)
         except Exception as exc:  # any download or parse failure means the same thing to a caller
-            raise ModelLoadError(f"{label}: the model artifact is missing or unreadable: {_first_line(exc)}") from None
+            raise ModelLoadError(f"{label}: the model artifact is missing or unreadable: {first_line(exc)}") from None
         meta = mlmodel.metadata or {}
         _check_signature(label, mlmodel)
         threshold = _threshold(label, mv.tags, meta)
         try:
             forest = mlflow.sklearn.load_model(local)
         except Exception as exc:
-            raise ModelLoadError(f"{label}: the scikit-learn model cannot be loaded: {_first_line(exc)}") from None
+            raise ModelLoadError(f"{label}: the scikit-learn model cannot be loaded: {first_line(exc)}") from None
         _check_forest(label, forest)
         if hasattr(forest, "n_jobs"):
             forest.n_jobs = 1  # a server scores small batches; a thread pool per call costs more than it saves
@@ -468,20 +469,16 @@ def _load_onnx(mlflow_client, run_id: str | None, meta: dict, forest, tmp: str):
         session = onnx_session(Path(path).read_bytes())
         parity = onnx_max_abs_diff(forest, session, probe_rows())
     except (MlflowException, OSError) as exc:
-        return None, None, f"ONNX artifact {artifact} is missing: {_first_line(exc)}"
+        return None, None, f"ONNX artifact {artifact} is missing: {first_line(exc)}"
     except ModelLoadError as exc:
         return None, None, f"ONNX artifact {artifact} is incompatible: {exc}"
     except Exception as exc:  # onnxruntime raises its own exception types for corrupt files
-        return None, None, f"ONNX artifact {artifact} cannot be loaded: {_first_line(exc)}"
+        return None, None, f"ONNX artifact {artifact} cannot be loaded: {first_line(exc)}"
     if not parity <= PARITY_TOLERANCE:
         return None, parity, (f"ONNX artifact {artifact} disagrees with the forest: max |Δp| = {parity:.3g} "
                               f"> {PARITY_TOLERANCE:g} on the probe set")
     return session, parity, None
 
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return (text.splitlines()[0] if text else type(exc).__name__)[:300]
 
 
 def describe_bundle(bundle: ModelBundle) -> str:

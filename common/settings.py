@@ -11,6 +11,7 @@ import os
 from pathlib import Path
 
 from common.paths import DATA_DIR, REPO_ROOT
+from common.text import parse_bool
 
 
 class SettingsError(ValueError):
@@ -77,12 +78,10 @@ def read_bool(name: str, default: bool) -> bool:
     value = _raw(name)
     if value is None:
         return default
-    lowered = value.lower()
-    if lowered in ("1", "true", "yes", "on"):
-        return True
-    if lowered in ("0", "false", "no", "off"):
-        return False
-    raise SettingsError(f"{name}={value!r} is not a boolean (expected true/false, 1/0, yes/no, on/off)")
+    try:
+        return parse_bool(value)
+    except ValueError:
+        raise SettingsError(f"{name}={value!r} is not a boolean (expected true/false, 1/0, yes/no, on/off)") from None
 
 
 def _check_range(name: str, number: float, minimum: float | None, maximum: float | None) -> None:

@@ -29,6 +29,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 
 from common import settings
 from common.schema import FEATURES, LABEL
+from common.text import first_line
 
 log = logging.getLogger(__name__)
 
@@ -272,7 +273,7 @@ class _Checkpointer:
         now = time.monotonic()
         if now - self._last_warning >= 60:
             self._last_warning = now
-            log.warning("WAL checkpoint of %s failed (retrying): %s", self.wal.name, _short(exc))
+            log.warning("WAL checkpoint of %s failed (retrying): %s", self.wal.name, first_line(exc))
 
 
 @dataclass(frozen=True)
@@ -339,7 +340,8 @@ class RequestStore:
         try:
             return sa.inspect(self.engine).has_table(requests_table.name)
         except sa.exc.DBAPIError as exc:
-            raise StoreUnavailable(f"request store {describe(self.location)} cannot be read: {_short(exc)}") from None
+            raise StoreUnavailable(f"request store {describe(self.location)} cannot be read: "
+                                   f"{first_line(exc)}") from None
 
     # --- writes ----------------------------------------------------------------------------------
 
@@ -390,7 +392,7 @@ class RequestStore:
                 last = exc
                 if attempt < retries:
                     time.sleep(backoff * (2**attempt))
-        raise StoreUnavailable(f"request store {describe(self.location)} unavailable: {_short(last)}")
+        raise StoreUnavailable(f"request store {describe(self.location)} unavailable: {first_line(last)}")
 
     def insert_rows(self, rows: Sequence[dict], *, ignore_existing: bool = False, retries: int = 3,
                     backoff: float = 0.05) -> int:
@@ -478,7 +480,7 @@ class RequestStore:
                 self._drop_writer()
                 if attempt < retries:
                     time.sleep(backoff * (2**attempt))
-        raise StoreUnavailable(f"request store {describe(self.location)} unavailable: {_short(last)}")
+        raise StoreUnavailable(f"request store {describe(self.location)} unavailable: {first_line(last)}")
 
     def _execute_in_chunks(self, cursor, key: tuple[str, ...], rows: list | np.ndarray) -> None:
         """Insert rows through multi-row statements, in one transaction. The chunk sizes are
@@ -573,7 +575,7 @@ class RequestStore:
                 last = exc
                 if attempt < retries:
                     time.sleep(0.05 * (2**attempt))
-        raise StoreUnavailable(f"request store {describe(self.location)} unavailable: {_short(last)}")
+        raise StoreUnavailable(f"request store {describe(self.location)} unavailable: {first_line(last)}")
 
     # --- reads -----------------------------------------------------------------------------------
 
@@ -641,7 +643,8 @@ class RequestStore:
             with self.engine.connect() as conn:
                 return {version: (int(scored), int(total)) for version, scored, total in conn.execute(stmt)}
         except sa.exc.DBAPIError as exc:
-            raise StoreUnavailable(f"request store {describe(self.location)} cannot be read: {_short(exc)}") from None
+            raise StoreUnavailable(f"request store {describe(self.location)} cannot be read: "
+                                   f"{first_line(exc)}") from None
 
     def _shard(self, stmt: sa.Select, *, labelled: bool | None, last_n: int | None, since_ts: float | None,
                shard: tuple[int, int]) -> sa.Select:
@@ -654,7 +657,8 @@ class RequestStore:
             with self.engine.connect() as conn:
                 low, high = conn.execute(sa.select(sa.func.min(ids.c.id), sa.func.max(ids.c.id))).one()
         except sa.exc.DBAPIError as exc:
-            raise StoreUnavailable(f"request store {describe(self.location)} cannot be read: {_short(exc)}") from None
+            raise StoreUnavailable(f"request store {describe(self.location)} cannot be read: "
+                                   f"{first_line(exc)}") from None
         if low is None:
             return stmt.where(sa.false())
         size = high - low + 1
@@ -714,7 +718,8 @@ class RequestStore:
                     cursor.close()
         except (sa.exc.DBAPIError, self.engine.dialect.loaded_dbapi.Error) as exc:
             # The raw cursor raises the driver's own errors, not SQLAlchemy's wrappers.
-            raise StoreUnavailable(f"request store {describe(self.location)} cannot be read: {_short(exc)}") from None
+            raise StoreUnavailable(f"request store {describe(self.location)} cannot be read: "
+                                   f"{first_line(exc)}") from None
 
 
 def _read_sqlite_arrow(path: str, sql: str, width: int, expected: int, dtype: type) -> np.ndarray | None:
@@ -804,10 +809,3 @@ def _close_quietly(conn) -> None:
 def _chunks(items: list, size: int) -> Iterator[list]:
     for start in range(0, len(items), size):
         yield items[start:start + size]
-
-
-def _short(exc: Exception | None) -> str:
-    if exc is None:
-        return "unknown error"
-    orig = getattr(exc, "orig", None)
-    return str(orig or exc).strip().splitlines()[0][:200]

@@ -48,6 +48,7 @@ import numpy as np
 from common import registry, settings
 from common.schema import FEATURES, SCORE
 from common.store import RequestStore, StoreUnavailable, describe
+from common.text import cli_bool, first_line, parse_bool
 from monitoring import report as html_report
 from monitoring.detector import DRIFT, INCONCLUSIVE, NO_DRIFT, DriftReport, KSDrift, normalise_correction
 from monitoring.reference import KINDS, ReferenceError, load_reference
@@ -111,7 +112,7 @@ class DriftConfig:
                 features=tuple(str(f) for f in raw["features"]),
                 ks_pvalue_threshold=float(raw["ks_pvalue_threshold"]),
                 correction=str(raw["correction"]),
-                test_score=_bool(raw["test_score"]),
+                test_score=parse_bool(raw["test_score"]),
                 min_window_rows=int(raw["min_window_rows"]),
                 min_ks_statistic=float(raw["min_ks_statistic"]),
                 default_window_rows=int(raw["default_window_rows"]),
@@ -145,16 +146,6 @@ class DriftConfig:
         except ValueError as exc:
             raise DriftConfigError(f"{origin}: {exc}") from None
 
-
-def _bool(value: object) -> bool:
-    if isinstance(value, bool):
-        return value
-    text = str(value).strip().lower()
-    if text in ("1", "true", "yes", "on"):
-        return True
-    if text in ("0", "false", "no", "off"):
-        return False
-    raise ValueError(f"{value!r} is not a boolean (true/false)")
 
 
 @dataclass(frozen=True)
@@ -274,7 +265,7 @@ def check_drift(params: DriftParams) -> DriftResult:
         run_id = start_run(mlflow_client, registry.DRIFT_EXPERIMENT, "drift-check",
                            {"production_version": str(production.version) if production else "none"}, uri)
     except BaseException as exc:
-        write_error_result(output_dir, _message(exc))
+        write_error_result(output_dir, first_line(exc, 1000))
         raise
     try:
         result = _check(params, config, mlflow_client, name, production, window, request_log, run_id, output_dir,
@@ -431,7 +422,7 @@ def _jsonable(value: object):
 
 def _record_failure(mlflow_client, run_id: str, output_dir: Path, exc: BaseException) -> None:
     """Log a failed check as such: status error in drift_result.json, tags on a FAILED run."""
-    message = _message(exc)
+    message = first_line(exc, 1000)
     write_error_result(output_dir, message, run_id)
     try:
         mlflow_client.set_tag(run_id, "drift_detected", "error")
@@ -440,10 +431,6 @@ def _record_failure(mlflow_client, run_id: str, output_dir: Path, exc: BaseExcep
     except Exception:  # noqa: S110 - the original error is what the caller must see
         pass
 
-
-def _message(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0][:1000] if text else type(exc).__name__
 
 
 def write_error_result(output_dir: Path, message: str, run_id: str | None = None) -> None:
@@ -483,7 +470,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="minimum KS statistic for a test to count as drifted (default: drift config)")
     add("--min-window-rows", "--min_window_rows", dest="min_window_rows", type=_optional(int), default=None,
         help="fewer current rows make the check inconclusive (default: drift config)")
-    add("--test-score", "--test_score", dest="test_score", type=_optional(_bool), default=None,
+    add("--test-score", "--test_score", dest="test_score", type=_optional(cli_bool), default=None,
         help="also test the model's score distribution (default: drift config)")
     add("--output-dir", "--output_dir", dest="output_dir", type=Path, default=Path(),
         help="where drift_result.json and drift_report.html are written")
@@ -496,7 +483,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="drift reference file (default: DRIFT_REFERENCE)")
     add("--model-name", "--model_name", dest="model_name", type=_optional(str), default=None,
         help="registered model (default: MODEL_NAME)")
-    add("--exit-zero", "--exit_zero", dest="exit_zero", type=_bool, default=False,
+    add("--exit-zero", "--exit_zero", dest="exit_zero", type=cli_bool, default=False,
         help="exit 0 for every completed check (errors still exit 1 or 2)")
     return parser
 

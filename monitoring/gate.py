@@ -54,6 +54,7 @@ from mlflow.exceptions import MlflowException
 from common import registry, settings
 from common.model import PARITY_TOLERANCE, ModelLoadError, load_bundle
 from common.schema import FEATURES, LABEL
+from common.text import cli_bool, first_line
 from monitoring.reference import ReferenceError, commit_reference_file, discard_staged, stage_refresh
 from monitoring.runs import PROMOTED_AT_TAG, log, promoted_at, start_run
 
@@ -220,7 +221,7 @@ def evaluation_rows(mlflow_client, run_id: str | None) -> pd.DataFrame:
             frame = pd.read_parquet(mlflow_client.download_artifacts(run_id, EVALUATION_ARTIFACT, tmp))
         except Exception as exc:  # MlflowException, OSError, Arrow errors all mean "not available"
             raise GateError(f"run {run_id} has no readable {EVALUATION_ARTIFACT}: "
-                            f"{str(exc).splitlines()[0][:200]}") from None
+                            f"{first_line(exc)}") from None
     missing = [c for c in (*FEATURES, LABEL) if c not in frame.columns]
     if missing:
         raise GateError(f"run {run_id}'s {EVALUATION_ARTIFACT} lacks columns {missing}")
@@ -489,14 +490,6 @@ def _fail_run(mlflow_client, run_id: str, exc: BaseException) -> None:
 # --- CLI ---------------------------------------------------------------------------------------------
 
 
-def _bool(text: str) -> bool:
-    lowered = str(text).strip().lower()
-    if lowered in ("1", "true", "yes", "on"):
-        return True
-    if lowered in ("", "0", "false", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"{text!r} is not a boolean (true/false)")
-
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m monitoring.gate", description=__doc__.splitlines()[0],
@@ -504,7 +497,8 @@ def build_parser() -> argparse.ArgumentParser:
                                             "nothing to decide, 1 the gate could not run")
     parser.add_argument("--version", default=None, help="candidate version (default: the newest Staging version)")
     parser.add_argument("--reason", default=None, help="promote without a drift run: scheduled or manual")
-    parser.add_argument("--rollback", type=_bool, default=False, help="true: restore the previous Production version")
+    parser.add_argument("--rollback", type=cli_bool, default=False,
+                        help="true: restore the previous Production version")
     parser.add_argument("--model-name", "--model_name", dest="model_name", default=None,
                         help="registered model (default: MODEL_NAME)")
     parser.add_argument("--config", type=Path, default=None, help="promotion config (default: PROMOTION_CONFIG)")

@@ -30,6 +30,7 @@ import pyarrow.parquet as pq
 from common import settings
 from common.schema import FEATURES, SCORE
 from common.store import RequestStore, describe
+from common.text import first_line
 
 TRAINING_FEATURES_ARTIFACT = "data/training_features.parquet"
 METADATA_KEY = b"drift_reference"
@@ -184,7 +185,7 @@ def training_features(mlflow_client, run_id: str) -> pd.DataFrame:
             frame = pd.read_parquet(local)
         except Exception as exc:  # MlflowException, OSError, Arrow errors: all mean "not available"
             raise ReferenceError(f"run {run_id} has no readable {TRAINING_FEATURES_ARTIFACT}: "
-                                 f"{str(exc).splitlines()[0][:200]}") from None
+                                 f"{first_line(exc)}") from None
     missing = [f for f in FEATURES if f not in frame.columns]
     if missing:
         raise ReferenceError(f"run {run_id}'s {TRAINING_FEATURES_ARTIFACT} lacks columns {missing}")
@@ -204,7 +205,7 @@ def _scores_or_note(load: Callable[[], object] | None, rows: np.ndarray, notes: 
     try:
         bundle = load()
     except Exception as exc:  # a model that cannot load must not stop the feature test
-        notes.append(f"no reference scores: the Production model cannot be loaded: {str(exc).splitlines()[0][:200]}")
+        notes.append(f"no reference scores: the Production model cannot be loaded: {first_line(exc)}")
         return None, None
     return _score(bundle, rows).astype(np.float32), bundle
 

@@ -30,6 +30,7 @@ from common import settings
 from common.features import FeatureConfigError, load_feature_config
 from common.paths import REPO_ROOT
 from common.schema import FEATURES, LABEL
+from common.text import cli_bool
 from training.generate import drift_batch
 
 TOKEN_FILE = REPO_ROOT / ".api_token"
@@ -142,14 +143,6 @@ def simulate(params: SimulateParams, token: str, session: requests.Session | Non
     return summary
 
 
-def _bool(text: str) -> bool:
-    lowered = str(text).strip().lower()
-    if lowered in ("1", "true", "yes", "on"):
-        return True
-    if lowered in ("", "0", "false", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"{text!r} is not a boolean (true/false)")
-
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m monitoring.simulate", description=__doc__.splitlines()[0])
@@ -158,7 +151,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--url", default="http://127.0.0.1:5000", help="the service's base URL")
     parser.add_argument("--batch", type=int, default=500, help="rows per /predict request (default 500)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the generated traffic")
-    parser.add_argument("--feedback", type=_bool, default=False, help="true: post the true labels to /feedback")
+    parser.add_argument("--feedback", type=cli_bool, default=False, help="true: post the true labels to /feedback")
     args = parser.parse_args(argv)
     if args.month < 0 or args.rows < 1 or args.batch < 1:
         parser.error("month must be 0 or more, rows and batch at least 1")

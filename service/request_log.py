@@ -21,6 +21,7 @@ import sqlalchemy as sa
 
 from common.schema import FEATURES
 from common.store import FeedbackResult, RequestStore, StoreUnavailable, describe
+from common.text import first_line
 from service.parsing import Batch
 from service.scoring import Predictions
 
@@ -97,7 +98,7 @@ class RequestLog:
                 last = exc
                 time.sleep(0.05 * (attempt + 1))
         raise StoreUnavailable(f"request log {describe(self.location)} cannot be opened: "
-                               f"{str(getattr(last, 'orig', last)).splitlines()[0][:200]}")
+                               f"{first_line(last)}")
 
     def record(self, request_id: str, batch: Batch, predictions: Predictions, ts: float | None = None) -> list[str]:
         """Commit one row per scored row and return their ids.

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 from common import registry, settings
 from common.model import ModelBundle, ModelLoadError, load_bundle
+from common.text import first_line
 from service.metrics import Metrics
 from service.scoring import ServingModel
 
@@ -152,7 +153,7 @@ class ModelWatcher:
                     resolved = get_model_name_and_version(client, self.model_uri)
             except MlflowException as exc:
                 if exc.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
-                    raise _NoVersion(f"MODEL_URI {self.model_uri} names no model version: {_first_line(exc)}") from None
+                    raise _NoVersion(f"MODEL_URI {self.model_uri} names no model version: {first_line(exc)}") from None
                 raise
             if len(resolved) != 2:
                 raise _NoVersion(f"MODEL_URI {self.model_uri} names a logged model, not a registered version")
@@ -177,7 +178,7 @@ class ModelWatcher:
         self.metrics.registry_reachable.set(1)
 
     def _registry_unreachable(self, exc: Exception) -> None:
-        error = _first_line(exc)
+        error = first_line(exc)
         if self.registry_reachable is not False:
             log.error("model registry unreachable (%s); serving %s", error, self._describe_current())
         self.registry_reachable, self.registry_error = False, error
@@ -232,8 +233,3 @@ class ModelWatcher:
             "refused": None if refused is None else {"version": refused.version, "error": refused.error,
                                                       "at": refused.at},
         }
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return (text.splitlines()[0] if text else type(exc).__name__)[:300]

@@ -54,6 +54,7 @@ from common.model import (
 from common.paths import REPO_ROOT
 from common.schema import FEATURES, LABEL
 from common.store import RequestStore, StoreUnavailable, describe
+from common.text import first_line
 from training import evaluate as ev
 
 SPLITS = ("time", "stratified")
@@ -230,8 +231,7 @@ def _read_labelled(location: str) -> tuple[pd.DataFrame, int]:
         values = store.read_columns(columns, dtype=np.float64, labelled=True)
         unlabelled = store.count(labelled=False)
     except sa.exc.SQLAlchemyError as exc:
-        reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0][:200]
-        raise StoreUnavailable(f"cannot read the requests table of {describe(location)}: {reason}") from None
+        raise StoreUnavailable(f"cannot read the requests table of {describe(location)}: {first_line(exc)}") from None
     finally:
         store.dispose()
     frame = pd.DataFrame(dict(zip(columns, values, strict=True)))
