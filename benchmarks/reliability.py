@@ -42,10 +42,9 @@ from common.registry import move_to_stage
 from common.schema import FEATURES, LABEL
 from common.store import SQLITE_BUSY_TIMEOUT_MS, RequestStore
 from service.request_log import WRITE_RETRIES
-from tests.conftest import MlflowStore
-from tests.e2e import processes
-from tests.service.conftest import ServingRegistry
-from tests.service.test_app import parse_metrics
+from tests.helpers import processes
+from tests.helpers.builders import MlflowStore
+from tests.helpers.service import ServingRegistry, parse_metrics
 
 TOKEN = "reliability-token-0123456789abcdef"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -172,7 +171,7 @@ class World:
 
 def build_world(root: Path) -> World:
     """Generate reference data, train two tiny versions and promote the first (as the test fixtures do)."""
-    from tests.conftest import build_reference_data, new_mlflow_store, train_model
+    from tests.helpers.builders import build_reference_data, new_mlflow_store, train_model
 
     data = build_reference_data(root / "reference")
     store = new_mlflow_store(root / "registry")

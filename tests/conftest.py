@@ -15,6 +15,7 @@ Fixtures:
                         that move stages should use `make_mlflow_store` instead.
     trained_model       session: TrainedModel registered in `mlflow_store` (name, version, run_id,
                         threshold, result, env()), stage Staging, alias challenger.
+    serving_registry    session: ServingRegistry, versions 1 (Production) and 2 (Staging).
     make_mlflow_store   function: factory, () -> a fresh MlflowStore under tmp_path.
     train_tiny_model    function: factory, (store, data=reference_data, **TrainParams fields) ->
                         TrainedModel; trains and registers with the env scoped to the call.
@@ -26,114 +27,23 @@ Fixtures:
 from __future__ import annotations
 
 import os
-import sqlite3
 import uuid
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
-from pathlib import Path
 
 import pytest
 
-TINY_ROWS = 3_000
-TINY_FRAUD_RATE = 0.02
-TINY_TREES = 15
-TEST_MODEL_NAME = "fraud-detector"
+from tests.helpers.builders import (
+    MlflowStore,
+    ReferenceData,
+    TrainedModel,
+    build_reference_data,
+    new_mlflow_store,
+    train_model,
+)
+from tests.helpers.service import ServingRegistry, build_serving_registry
+
 POSTGRES_HOST = "127.0.0.1"
 POSTGRES_PORT = 5432
-
-
-@dataclass(frozen=True)
-class MlflowStore:
-    root: Path
-    tracking_uri: str
-    artifact_root: Path
-
-    def env(self) -> dict[str, str]:
-        return {"MLFLOW_TRACKING_URI": self.tracking_uri, "MLFLOW_ARTIFACT_ROOT": str(self.artifact_root)}
-
-    def client(self):
-        from common.registry import client
-
-        return client(self.tracking_uri)
-
-    def copy(self, dest: Path) -> MlflowStore:
-        """A private copy of the registry database; artifacts are shared by path (read-only)."""
-        dest.mkdir(parents=True, exist_ok=True)
-        source = sqlite3.connect(self.tracking_uri.removeprefix("sqlite:///"))
-        target = sqlite3.connect(dest / "mlflow.db")
-        with target:
-            source.backup(target)
-        source.close()
-        target.close()
-        return MlflowStore(dest, f"sqlite:///{dest / 'mlflow.db'}", self.artifact_root)
-
-
-@dataclass(frozen=True)
-class ReferenceData:
-    root: Path
-    csv: Path
-    db: Path
-    feature_config: Path
-    rows: int
-    frauds: int
-
-    def env(self) -> dict[str, str]:
-        return {"REFERENCE_DB": str(self.db), "FEATURE_CONFIG": str(self.feature_config)}
-
-
-@dataclass(frozen=True)
-class TrainedModel:
-    store: MlflowStore
-    data: ReferenceData
-    name: str
-    version: str
-    run_id: str
-    threshold: float
-    result: object = field(repr=False)
-
-    @property
-    def uri(self) -> str:
-        return f"models:/{self.name}/{self.version}"
-
-    def env(self) -> dict[str, str]:
-        return {**self.store.env(), **self.data.env(), "MODEL_NAME": self.name}
-
-
-def new_mlflow_store(root: Path) -> MlflowStore:
-    root.mkdir(parents=True, exist_ok=True)
-    return MlflowStore(root, f"sqlite:///{root / 'mlflow.db'}", root / "mlruns")
-
-
-def build_reference_data(root: Path, rows: int = TINY_ROWS, fraud_rate: float = TINY_FRAUD_RATE,
-                         seed: int = 7) -> ReferenceData:
-    """Generate a CSV and import it with the project's importer into a fresh reference DB."""
-    from training.generate import generate
-    from training.import_csv import import_csv
-
-    root.mkdir(parents=True, exist_ok=True)
-    csv, db, config = root / "creditcard.csv", root / "reference_data.db", root / "feature_config.json"
-    generated = generate(rows=rows, seed=seed, out=csv, fraud_rate=fraud_rate)
-    import_csv(csv, str(db), config)
-    return ReferenceData(root, csv, db, config, generated.rows, generated.frauds)
-
-
-def train_model(store: MlflowStore, data: ReferenceData, *, extra_env: dict[str, str] | None = None,
-                **overrides) -> TrainedModel:
-    """Train and register a tiny model with `training.train.train`; env set only during the call.
-
-    `requests` defaults to "none" (LATEST_DB is ignored) unless given.
-    """
-    from training.train import TrainParams, train
-
-    fields = {"data": str(data.db), "requests": "none", "n_estimators": TINY_TREES, "model_name": TEST_MODEL_NAME,
-              "min_train_frauds": 10, "min_eval_frauds": 5, "n_jobs": 1, **overrides}
-    env = {**store.env(), **data.env(), **(extra_env or {})}
-    with pytest.MonkeyPatch.context() as mp:
-        for key, value in env.items():
-            mp.setenv(key, value)
-        mp.delenv("MLFLOW_RUN_ID", raising=False)
-        result = train(TrainParams(**fields), progress=lambda _line: None)
-    return TrainedModel(store, data, result.model_name, result.version, result.run_id, result.threshold, result)
 
 
 @pytest.fixture(scope="session")
@@ -149,6 +59,12 @@ def mlflow_store(tmp_path_factory) -> MlflowStore:
 @pytest.fixture(scope="session")
 def trained_model(mlflow_store, reference_data) -> TrainedModel:
     return train_model(mlflow_store, reference_data)
+
+
+@pytest.fixture(scope="session")
+def serving_registry(tmp_path_factory, reference_data) -> ServingRegistry:
+    """Versions 1 (Production) and 2 (Staging) of the tiny model, for the service and reliability tests."""
+    return build_serving_registry(tmp_path_factory.mktemp("serving-registry"), reference_data)
 
 
 @pytest.fixture

@@ -21,7 +21,7 @@ import requests
 import yaml
 
 from common.paths import REPO_ROOT
-from tests.e2e.image import (
+from tests.helpers.image import (
     DOCKERFILE,
     apply_copies,
     build_context,
@@ -34,7 +34,7 @@ from tests.e2e.image import (
     runtime_stage,
     stage,
 )
-from tests.e2e.processes import clean_env, free_port, settings_variables, start, wait_until
+from tests.helpers.processes import clean_env, free_port, settings_variables, start, wait_until
 
 COMPOSE = REPO_ROOT / "docker" / "compose.yaml"
 PROMETHEUS = REPO_ROOT / "docker" / "prometheus" / "prometheus.yml"

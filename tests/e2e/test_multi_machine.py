@@ -8,7 +8,7 @@ retrain on the fed-back labels -> promote -> both services switch version withou
 The request log is counted at the end: every row a service reported as scored is there exactly
 once, with its label. The Grafana drift-status panel's SQL is run against the tracking store too.
 
-Every step runs from the image's /app layout (tests/e2e/image.py), as a container or a fresh
+Every step runs from the image's /app layout (tests/helpers/image.py), as a container or a fresh
 checkout on another machine would, so nothing reads this repository's own data/ or mlflow.db.
 """
 
@@ -28,8 +28,8 @@ from common.features import load_feature_config
 from common.paths import REPO_ROOT
 from common.registry import client, move_to_stage, production_version, stages_api, version_in_stage
 from common.store import RequestStore
-from tests.e2e.image import image_command, image_tree
-from tests.e2e.processes import clean_env, free_port, http_ok, run, start, wait_until
+from tests.helpers.image import image_command, image_tree
+from tests.helpers.processes import clean_env, free_port, http_ok, run, start, wait_until
 from training.generate import drift_batch
 
 pytestmark = pytest.mark.postgres

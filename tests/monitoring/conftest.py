@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,7 +12,7 @@ import pytest
 from common.features import AmountScaler, save_feature_config
 from common.schema import FEATURES, LABEL
 from common.store import RequestStore
-from tests.conftest import MlflowStore, new_mlflow_store
+from tests.helpers.builders import MlflowStore, new_mlflow_store
 from training.generate import drift_batch, generate_frame
 
 REFERENCE_ROWS = 4_000
@@ -35,25 +34,6 @@ class DriftWorld:
         return drift_batch(rows, month, seed, self.scaler)
 
 
-def write_requests(location: str, frame: pd.DataFrame, *, scores: np.ndarray | None = None,
-                   model_version: str | np.ndarray = "1", ts: np.ndarray | None = None, prefix: str = "r") -> None:
-    """Append rows to a request log as the service logs them (features, score, version, ts)."""
-    n = len(frame)
-    scores = np.random.default_rng(n).beta(0.5, 30, n) if scores is None else scores
-    ts = time.time() - n + np.arange(n) if ts is None else ts
-    out = frame[list(FEATURES)].copy()
-    out.insert(0, "request_id", [f"{prefix}-{i}" for i in range(n)])
-    out.insert(1, "ts", ts)
-    out["score"] = scores
-    out["decision"] = (scores >= 0.5).astype(int)
-    out["threshold"] = 0.5
-    out["model_name"] = "fraud-detector"
-    out["model_version"] = model_version
-    store = RequestStore(location)
-    try:
-        store.insert_frame(out)
-    finally:
-        store.dispose()
 
 
 @pytest.fixture(scope="session")

@@ -12,7 +12,7 @@ from common import registry
 from common.schema import FEATURES
 from monitoring import drift
 from monitoring.reference import write_reference_file
-from tests.monitoring.conftest import write_requests
+from tests.helpers.request_log import write_requests
 
 
 def _logged_run(env):

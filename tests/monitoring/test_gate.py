@@ -13,7 +13,7 @@ import pytest
 from common import registry
 from monitoring import gate
 from monitoring.reference import read_reference_file, read_reference_metadata
-from tests.conftest import MlflowStore, ReferenceData, TrainedModel, new_mlflow_store, train_model
+from tests.helpers.builders import MlflowStore, ReferenceData, TrainedModel, new_mlflow_store, train_model
 
 
 @dataclass(frozen=True)

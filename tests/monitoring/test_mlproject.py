@@ -11,8 +11,8 @@ import pytest
 
 from common import registry
 from common.paths import REPO_ROOT
-from tests.e2e.processes import clean_env
-from tests.monitoring.conftest import write_requests
+from tests.helpers.processes import clean_env
+from tests.helpers.request_log import write_requests
 
 MLFLOW = str(Path(sys.executable).parent / "mlflow")
 
@@ -26,7 +26,7 @@ def _mlflow_run(entry: str, params: dict[str, str], env: dict[str, str], cwd) ->
 
 @pytest.mark.slow
 def test_drift_then_promote_entry_points_work_with_their_parameters(tmp_path, drift_world, reference_data):
-    from tests.conftest import new_mlflow_store, train_model
+    from tests.helpers.builders import new_mlflow_store, train_model
 
     store = new_mlflow_store(tmp_path / "mlflow")
     model = train_model(store, reference_data, seed=0)

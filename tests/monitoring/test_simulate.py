@@ -12,7 +12,7 @@ from werkzeug.serving import make_server
 from common import registry
 from common.store import RequestStore
 from monitoring import drift, simulate
-from tests.conftest import new_mlflow_store, train_model
+from tests.helpers.builders import new_mlflow_store, train_model
 
 TOKEN = "simulator-token"
 

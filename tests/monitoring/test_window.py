@@ -10,7 +10,7 @@ from common.schema import FEATURES
 from common.store import RequestStore
 from monitoring import window as window_module
 from monitoring.window import Window, read_window
-from tests.monitoring.conftest import write_requests
+from tests.helpers.request_log import write_requests
 
 COLUMNS = [*FEATURES, "score"]
 

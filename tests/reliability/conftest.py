@@ -12,13 +12,9 @@ import pytest
 
 from benchmarks.reliability import Service, World, serving
 
-# The registry with versions 1 (Production) and 2 that tests/service uses. Imported here, it is a
-# second session fixture of the same name, so a full run trains those two tiny versions twice.
-from tests.service.conftest import serving_registry  # noqa: F401
-
 
 @pytest.fixture(scope="session")
-def world(serving_registry) -> World:  # noqa: F811
+def world(serving_registry) -> World:
     return World.of(serving_registry)
 
 

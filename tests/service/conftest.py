@@ -1,49 +1,14 @@
-"""Fixtures for the service: a registry with two trained versions, private copies of it for tests
-that move stages, and apps built through `create_app` against them."""
+"""Fixtures for the service: private copies of the serving registry for tests that move stages, and
+apps built through `create_app` against it (the registry itself is a root fixture)."""
 
 from __future__ import annotations
 
-import shutil
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
 
-from common.registry import move_to_stage
-from tests.conftest import MlflowStore, ReferenceData, TrainedModel, new_mlflow_store, train_model
-
-TOKEN = "test-token-primary"
-OTHER_TOKEN = "test-token-rotated"
-AUTH = {"Authorization": f"Bearer {TOKEN}"}
-POLL_SECONDS = 0.2
-
-
-@dataclass(frozen=True)
-class ServingRegistry:
-    """A registry where version 1 is in Production and version 2 (another seed) in Staging."""
-
-    store: MlflowStore
-    data: ReferenceData
-    v1: TrainedModel
-    v2: TrainedModel
-
-    @property
-    def name(self) -> str:
-        return self.v1.name
-
-    def copy(self, dest: Path) -> MlflowStore:
-        """A private copy of the registry database (artifacts are shared read-only by path)."""
-        return self.store.copy(dest)
-
-
-@pytest.fixture(scope="session")
-def serving_registry(tmp_path_factory, reference_data) -> ServingRegistry:
-    store = new_mlflow_store(tmp_path_factory.mktemp("serving-registry"))
-    v1 = train_model(store, reference_data, seed=0)
-    v2 = train_model(store, reference_data, seed=1)
-    move_to_stage(store.client(), v1.name, v1.version, "Production")
-    return ServingRegistry(store, reference_data, v1, v2)
+from tests.helpers.builders import MlflowStore
+from tests.helpers.service import OTHER_TOKEN, POLL_SECONDS, TOKEN
 
 
 @pytest.fixture
@@ -106,13 +71,3 @@ def sample_rows(reference_data) -> list[list[float]]:
     frame = frame.sort_values(LABEL, ascending=False, kind="stable")
     return frame[list(FEATURES)].head(50).to_numpy().tolist()
 
-
-def corrupt_copy_of(path: Path) -> None:
-    """Overwrite a file in place with bytes no reader can parse (same inode, so open handles see it)."""
-    size = path.stat().st_size
-    with path.open("r+b") as fh:
-        fh.write(b"\x00garbage" * (size // 8 + 1))
-
-
-def restore(src: Path, dest: Path) -> None:
-    shutil.copyfile(src, dest)

@@ -10,7 +10,7 @@ from common.model import load_bundle
 from common.schema import FEATURES
 from common.store import RequestStore
 from service.app import service_of
-from tests.service.conftest import AUTH, OTHER_TOKEN
+from tests.helpers.service import AUTH, OTHER_TOKEN, parse_metrics
 
 LOG_COLUMNS = ("request_id", "ts", *FEATURES, "Amount", "score", "decision", "threshold", "model_name", "model_version")
 
@@ -149,16 +149,6 @@ def test_metrics_count_predictions_probabilities_latency_errors_and_the_model(cl
     assert samples[("fraud_request_log_rows_total", ())] == 7
     assert samples[("fraud_request_log_failures_total", ())] == 0
 
-
-def parse_metrics(text: str) -> dict[tuple, float]:
-    """Prometheus text -> {(name, sorted label pairs): value}, via prometheus_client's own parser."""
-    from prometheus_client.parser import text_string_to_metric_families
-
-    out = {}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            out[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
-    return out
 
 
 def test_the_scikit_learn_flavor_scores_batches_like_onnx(app, client, sample_rows, serving_registry):

@@ -7,7 +7,7 @@ import logging
 import pytest
 
 from service.app import create_app
-from tests.service.conftest import OTHER_TOKEN, TOKEN
+from tests.helpers.service import OTHER_TOKEN, TOKEN
 
 ROW = [0.5] * 29
 PROTECTED = [("post", "/predict", {"json": {"data": [ROW]}}),

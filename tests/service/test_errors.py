@@ -8,7 +8,7 @@ import pytest
 
 from common.store import RequestStore
 from service.app import service_of
-from tests.service.conftest import AUTH
+from tests.helpers.service import AUTH
 
 ROW = [0.5] * 29
 

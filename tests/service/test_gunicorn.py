@@ -19,8 +19,7 @@ from common.paths import REPO_ROOT
 from common.registry import move_to_stage
 from common.store import RequestStore
 from service import launch
-from tests.service.conftest import TOKEN
-from tests.service.test_app import parse_metrics
+from tests.helpers.service import TOKEN, parse_metrics
 
 START_SECONDS = 90
 # Variables of the developer's shell that would change what the server does.

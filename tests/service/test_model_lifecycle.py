@@ -15,8 +15,7 @@ from common.model import load_bundle
 from common.registry import move_to_stage
 from common.store import RequestStore
 from service.app import service_of
-from tests.service.conftest import AUTH, corrupt_copy_of
-from tests.service.test_app import parse_metrics
+from tests.helpers.service import AUTH, corrupt_copy_of, parse_metrics
 
 DEADLINE_SECONDS = 30
 

@@ -13,8 +13,7 @@ from common.schema import FEATURES
 from common.store import RequestStore
 from service.app import service_of
 from service.request_log import new_request_id
-from tests.service.conftest import AUTH
-from tests.service.test_app import parse_metrics
+from tests.helpers.service import AUTH, parse_metrics
 
 
 @pytest.mark.postgres

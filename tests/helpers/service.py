@@ -1,0 +1,64 @@
+"""What the service tests share: tokens, the serving registry, Prometheus parsing, file corruption."""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from common.registry import move_to_stage
+from tests.helpers.builders import MlflowStore, ReferenceData, TrainedModel, new_mlflow_store, train_model
+
+TOKEN = "test-token-primary"
+OTHER_TOKEN = "test-token-rotated"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+POLL_SECONDS = 0.2
+
+
+@dataclass(frozen=True)
+class ServingRegistry:
+    """A registry where version 1 is in Production and version 2 (another seed) in Staging."""
+
+    store: MlflowStore
+    data: ReferenceData
+    v1: TrainedModel
+    v2: TrainedModel
+
+    @property
+    def name(self) -> str:
+        return self.v1.name
+
+    def copy(self, dest: Path) -> MlflowStore:
+        """A private copy of the registry database (artifacts are shared read-only by path)."""
+        return self.store.copy(dest)
+
+
+def build_serving_registry(root: Path, data: ReferenceData) -> ServingRegistry:
+    """Train versions 1 (seed 0, moved to Production) and 2 (seed 1, Staging) into a new store."""
+    store = new_mlflow_store(root)
+    v1 = train_model(store, data, seed=0)
+    v2 = train_model(store, data, seed=1)
+    move_to_stage(store.client(), v1.name, v1.version, "Production")
+    return ServingRegistry(store, data, v1, v2)
+
+
+def parse_metrics(text: str) -> dict[tuple, float]:
+    """Prometheus text -> {(name, sorted label pairs): value}, via prometheus_client's own parser."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    out = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            out[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return out
+
+
+def corrupt_copy_of(path: Path) -> None:
+    """Overwrite a file in place with bytes no reader can parse (same inode, so open handles see it)."""
+    size = path.stat().st_size
+    with path.open("r+b") as fh:
+        fh.write(b"\x00garbage" * (size // 8 + 1))
+
+
+def restore(src: Path, dest: Path) -> None:
+    shutil.copyfile(src, dest)
