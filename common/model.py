@@ -22,8 +22,8 @@ uses the model's threshold unless FRAUD_THRESHOLD overrides it.
 Loading (`load_bundle`, `load_bundle_from_uri`) returns a `ModelBundle` whose `predict_proba`
 maps an (n, 29) array in FEATURES order to n fraud probabilities, and whose `predict_one` gives the
 probability of a single row as a Python float (the service's hot path). With `flavor="auto"` it uses
-ONNX Runtime when the ONNX artifact exists and agrees with the forest on a fixed probe set
-(about 20 µs per row), otherwise scikit-learn, and says why in `onnx_problem`. A version that is
+ONNX Runtime when the ONNX artifact exists and agrees with the forest on a fixed probe set,
+otherwise scikit-learn, and says why in `onnx_problem`. A version that is
 missing its model, has the wrong input schema or no valid threshold raises `ModelLoadError`;
 so does an absent or disagreeing ONNX artifact when `flavor="onnx"` is demanded.
 """
@@ -303,8 +303,7 @@ class ModelBundle:
 
         The same value as `predict_proba(X)[0]`, for the service's common single-row request:
         after the model itself it takes no numpy call, where a one-row array pays numpy's fixed cost
-        in every step. Measured in the service: 0.91x the CPU per single-row /predict in one
-        process, 1.07x the requests per second under wrk (8 connections, two workers).
+        in every step (docs/decisions/007-single-row-fast-path.md).
 
         Raises:
             ValueError: X is not an array of shape (1, 29).

@@ -8,7 +8,8 @@ on the same p-values:
 - `bonferroni`, `fdr`: the drift check's corrections at `p_val`, over the 29 features;
 - `original`: the rule this project replaced, "any feature with p < 0.01", no correction.
 
-`python -m monitoring.quality` prints the table the README quotes.
+`python -m monitoring.quality` prints the table quoted in
+docs/decisions/014-drift-multiple-testing-correction.md.
 """
 
 from __future__ import annotations

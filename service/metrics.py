@@ -86,7 +86,7 @@ class Metrics:
 
     def count_predictions(self, probabilities: Sequence[float], is_fraud: Sequence[bool]) -> None:
         """Count decisions and observe the probabilities of one scored batch."""
-        if len(is_fraud) == 1:  # the common single-row request, without numpy's per-call overhead
+        if len(is_fraud) == 1:  # single row: no numpy call (docs/decisions/007-single-row-fast-path.md)
             (self._fraud if is_fraud[0] else self._legit).inc()
         else:
             frauds = int(np.count_nonzero(is_fraud))

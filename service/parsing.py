@@ -75,9 +75,9 @@ def _loads_without_gc(body: bytes) -> object:
     """orjson.loads with the cycle collector paused.
 
     A body within MAX_BODY_BYTES can hold about a million small arrays (`[[],[],...]`). Each one
-    counts as a new container for the collector, which would otherwise run hundreds of full
-    collections over the worker's whole heap (MLflow, scikit-learn) while decoding: seconds of CPU
-    for one 4 MB request (tests/reliability, hostile inputs). Decoded JSON is a tree, never a cycle,
+    counts as a new container for the collector, which would otherwise run many full collections
+    over the worker's whole heap (MLflow, scikit-learn) while decoding
+    (docs/decisions/012-gc-paused-while-decoding-json.md). Decoded JSON is a tree, never a cycle,
     so reference counting frees it and nothing is left for the collector to find.
     """
     enabled = gc.isenabled()
@@ -204,12 +204,13 @@ def rows_array(rows: object, field: str, *, max_rows: int, names: tuple[str, ...
     """
     _check_count(rows, field, max_rows, f"rows of {len(names)} numbers")
     width = len(names)
-    # Fast path: row lengths, then one pass over the types, one conversion. Anything odd falls through
-    # to _explain_rows, which names the first problem; a row of a million values (a 4 MB body) is
+    # Fast path: row lengths, then one pass over the types, one conversion (np.array for one row,
+    # np.fromiter for a batch: docs/decisions/011-batch-parsing.md). Anything odd falls through to
+    # _explain_rows, which names the first problem; a row of a million values (a 4 MB body) is
     # refused there on its length, without touching its values.
     if all(type(row) is list and len(row) == width for row in rows) and _numbers_only(rows):
         try:
-            X = (np.array(rows, dtype=np.float64) if len(rows) == 1 else  # fromiter: 0.8x of np.array at 1,000
+            X = (np.array(rows, dtype=np.float64) if len(rows) == 1 else
                  np.fromiter(itertools.chain.from_iterable(rows), np.float64, len(rows) * width).reshape(-1, width))
         except (ValueError, OverflowError):
             X = None
@@ -267,8 +268,8 @@ def records_batch(records: object, field: str, *, max_rows: int, scaler: ScalerS
 def _numbers_only(rows: list[list]) -> bool:
     """Whether every value in the rows is an int or a float (not a bool, str, None, list ...).
 
-    Counting types in a list runs in C, with identity comparisons for the usual all-float rows:
-    0.5x the time of collecting them in a set (1,000 rows of 29 floats).
+    Counting types in a list runs in C, with identity comparisons for the usual all-float rows,
+    faster than collecting them in a set (docs/decisions/011-batch-parsing.md).
     """
     types = list(map(type, itertools.chain.from_iterable(rows)))
     floats = types.count(float)
@@ -287,7 +288,8 @@ def _check_count(items: object, field: str, max_rows: int, what: str) -> None:
 
 def _check_range(X: np.ndarray, where: Callable[[int, int], str]) -> None:
     # Comparisons are False for NaN, so NaN and ±inf fail both checks. Small inputs (the common
-    # single row) are checked faster in plain Python than through numpy's per-call overhead.
+    # single row) are checked faster in plain Python than through numpy's per-call overhead
+    # (docs/decisions/007-single-row-fast-path.md).
     if X.size <= 128:
         if all(-FEATURE_LIMIT <= v <= FEATURE_LIMIT for v in X.ravel().tolist()):
             return

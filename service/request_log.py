@@ -3,10 +3,10 @@
 Rows go to the `requests` table through `common.store.RequestStore` (SQLite at LATEST_DB by
 default, or a SQLAlchemy URL such as PostgreSQL for several replicas), in one transaction per
 request, with bounded retries. If the write still fails the caller answers 503
-`request_log_unavailable` and counts the failure: there is deliberately no write-behind buffer, so
-a response that carries scores always means the rows are in the table (monitoring and retraining
-see exactly what clients saw), and an outage is loud rather than a silent gap or a buffer lost with
-the worker.
+`request_log_unavailable` and counts the failure. There is deliberately no write-behind buffer: a
+response that carries scores always means the rows are in the table, so monitoring and retraining
+see exactly what clients saw, and an outage is loud rather than a silent gap
+(docs/decisions/005-no-write-behind-buffer.md).
 """
 
 from __future__ import annotations
@@ -45,12 +45,7 @@ def new_request_id() -> str:
     are the version and variant), so ids sort by time, and two ids of the same millisecond are equal
     with a chance of 2^-74. The request log's `request_id` index then grows at one end, as the table
     and its `ts` index do, instead of taking each new row on a random page of an index that grows
-    with the log.
-
-    Measured under benchmarks/serve.py's load (8 connections, two workers, six interleaved rounds)
-    on a request log that already held 1,000,000 rows: random ids (uuid4-like) gave a median p99 of
-    31 ms, these 4.4 ms, with 1.08x the requests per second. On an empty log the random ids' p99
-    rose round by round as the log grew (4.0 to 8.3 ms); these stayed at 3.7-5.6 ms.
+    with the log, which slows commits as the log grows (docs/decisions/004-time-ordered-request-ids.md).
     """
     random = int.from_bytes(os.urandom(10), "big")  # 80 bits: 12 for rand_a, 62 for rand_b, 6 unused
     rand_a, rand_b = (random >> 62) & 0xFFF, random & _RAND_B_MASK

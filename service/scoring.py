@@ -53,7 +53,7 @@ def score(rows: np.ndarray, model: ServingModel) -> Predictions:
     Raises:
         ValueError: rows is not an (n, 29) array.
     """
-    if len(rows) == 1:  # the common single row: Python scalars from the model on (see predict_one)
+    if len(rows) == 1:  # single row: Python scalars from here on (docs/decisions/007-single-row-fast-path.md)
         p = model.bundle.predict_one(rows)
         decision = p >= model.threshold  # common.model.is_fraud's rule, on a float
         return Predictions([p], [decision], model.threshold, model.name, model.version)
