@@ -1,8 +1,15 @@
 """Two-sample Kolmogorov–Smirnov drift detection over many features, shaped like alibi-detect's `KSDrift`.
 
 `KSDrift` is built once from the reference (validated, sorted once); `score(current)` returns each
-feature's KS statistic and p-value; `predict(current)` returns an immutable `DriftReport` with the
-decision, the corrected threshold (one number) and the drifted features. Nothing is mutated by a check.
+feature's KS statistic, p-value and effect size; `predict(current)` returns an immutable `DriftReport`
+with the decision, the corrected threshold (one number) and the drifted features. Nothing is mutated
+by a check, and the caller's arrays are never sorted in place.
+
+A test drifts when its p-value is at or below the corrected threshold *and* the change is large
+enough to matter: its KS statistic reaches `min_ks_statistic` and its Wasserstein distance, in
+standard deviations of the reference (`distance`), reaches `min_distance`. At the window sizes the
+check runs on, the p-value alone flags changes far too small to matter to the model (see
+docs/decisions/015-drift-effect-size-floor.md).
 
 The statistic is computed from integer ECDF counts, so it equals `scipy.stats.ks_2samp`'s. P-values
 follow scipy's definitions: exact (the lattice-path distribution of the two-sample statistic) when both
@@ -20,6 +27,10 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 from scipy import special, stats
+
+# The Wasserstein distance is computed between this many evenly spaced quantiles of each sample, so
+# a million-row window costs what a small one does; the quantiles come from the sorted samples.
+DISTANCE_QUANTILES = 1000
 
 MAX_EXACT_N = 10_000
 MAX_EXACT_CELLS = 10_000_000
@@ -201,7 +212,11 @@ def corrected_threshold(pvalues: np.ndarray, p_val: float, correction: str) -> f
 
 @dataclass(frozen=True)
 class KSScores:
-    """Raw per-test results: one KS statistic and p-value per feature (NaN when not computed)."""
+    """Raw per-test results: one KS statistic, p-value and distance per feature (NaN when not computed).
+
+    `distances` are Wasserstein-1 distances between the two samples, in standard deviations of the
+    reference: 0.1 means the current values sit, on average, a tenth of the reference's spread away.
+    """
 
     features: tuple[str, ...]
     statistics: tuple[float, ...]
@@ -209,6 +224,7 @@ class KSScores:
     n_reference: tuple[int, ...]
     n_current: tuple[int, ...]
     methods: tuple[str, ...]
+    distances: tuple[float, ...]
 
     def __add__(self, other: KSScores) -> KSScores:
         """The union of two families (e.g. the features and the model's score), judged together."""
@@ -218,7 +234,8 @@ class KSScores:
         return KSScores(*(a + b for a, b in zip(self._fields(), other._fields(), strict=True)))
 
     def _fields(self) -> tuple[tuple, ...]:
-        return (self.features, self.statistics, self.pvalues, self.n_reference, self.n_current, self.methods)
+        return (self.features, self.statistics, self.pvalues, self.n_reference, self.n_current, self.methods,
+                self.distances)
 
 
 def _finite_or_none(value: float) -> float | None:
@@ -231,7 +248,8 @@ class DriftReport:
 
     `status` is 'drift', 'no_drift' or 'inconclusive'; `threshold` is the corrected p-value threshold
     every test was judged against; `drifted` lists the tests whose p-value is at or below it and whose
-    statistic reaches `min_ks_statistic`.
+    statistic reaches `min_ks_statistic` and distance `min_distance`; `significant` lists the tests
+    whose p-value alone is at or below it (a change too small to count still shows there).
     """
 
     status: str
@@ -240,9 +258,11 @@ class DriftReport:
     p_val: float
     correction: str
     min_ks_statistic: float
+    min_distance: float
     min_window_rows: int
     scores: KSScores
     drifted: tuple[str, ...] = field(default=())
+    significant: tuple[str, ...] = field(default=())
 
     @property
     def drift_detected(self) -> bool | None:
@@ -261,6 +281,10 @@ class DriftReport:
     @property
     def feature_statistics(self) -> dict[str, float | None]:
         return {f: _finite_or_none(s) for f, s in zip(self.scores.features, self.scores.statistics, strict=True)}
+
+    @property
+    def feature_distances(self) -> dict[str, float | None]:
+        return {f: _finite_or_none(d) for f, d in zip(self.scores.features, self.scores.distances, strict=True)}
 
     @property
     def drifted_share(self) -> float:
@@ -283,11 +307,14 @@ class DriftReport:
             "p_val": self.p_val,
             "correction": self.correction,
             "min_ks_statistic": self.min_ks_statistic,
+            "min_distance": self.min_distance,
             "min_window_rows": self.min_window_rows,
             "drifted_features": list(self.drifted),
             "drifted_count": len(self.drifted),
             "drifted_share": self.drifted_share,
+            "significant_features": list(self.significant),
             "feature_statistics": self.feature_statistics,
+            "feature_distances": self.feature_distances,
             "n_reference": dict(zip(self.scores.features, self.scores.n_reference, strict=True)),
             "n_current": dict(zip(self.scores.features, self.scores.n_current, strict=True)),
             "pvalue_method": dict(zip(self.scores.features, self.scores.methods, strict=True)),
@@ -295,19 +322,21 @@ class DriftReport:
 
 
 def decide(scores: KSScores, *, p_val: float, correction: str, min_ks_statistic: float = 0.0,
-           min_window_rows: int = 1) -> DriftReport:
+           min_distance: float = 0.0, min_window_rows: int = 1) -> DriftReport:
     """Judge a family of KS tests together.
 
     Inconclusive when any test's current sample is smaller than `min_window_rows`; otherwise drift
-    when at least one test's p-value is at or below the corrected threshold and its statistic is at
-    least `min_ks_statistic`.
+    when at least one test's p-value is at or below the corrected threshold, its statistic is at
+    least `min_ks_statistic` and its distance at least `min_distance`.
     """
     correction = normalise_correction(correction)
     pvalues = np.asarray(scores.pvalues, dtype=np.float64)
     statistics = np.asarray(scores.statistics, dtype=np.float64)
+    distances = np.asarray(scores.distances, dtype=np.float64)
     threshold = corrected_threshold(pvalues, p_val, correction)
     common = dict(threshold=threshold, p_val=float(p_val), correction=correction,
-                  min_ks_statistic=float(min_ks_statistic), min_window_rows=int(min_window_rows), scores=scores)
+                  min_ks_statistic=float(min_ks_statistic), min_distance=float(min_distance),
+                  min_window_rows=int(min_window_rows), scores=scores)
     smallest = min(scores.n_current, default=0)
     if smallest < min_window_rows:
         short = [f for f, n in zip(scores.features, scores.n_current, strict=True) if n < min_window_rows]
@@ -315,25 +344,49 @@ def decide(scores: KSScores, *, p_val: float, correction: str, min_ks_statistic:
         return DriftReport(INCONCLUSIVE, f"{which} has {smallest} rows, fewer than min_window_rows={min_window_rows}",
                            **common)
     significant = np.nan_to_num(pvalues, nan=1.0) <= threshold
-    large = np.nan_to_num(statistics, nan=0.0) >= min_ks_statistic
+    large = (np.nan_to_num(statistics, nan=0.0) >= min_ks_statistic) & (np.nan_to_num(distances, nan=0.0)
+                                                                         >= min_distance)
+    named = tuple(f for f, s in zip(scores.features, significant, strict=True) if s)
     drifted = tuple(f for f, s, big in zip(scores.features, significant, large, strict=True) if s and big)
     rule = f"p <= {threshold:.3g} after {correction} correction of p_val={p_val:g} over {len(pvalues)} tests"
     if drifted:
         reason = f"{len(drifted)} of {len(pvalues)} tests drifted ({rule}): {', '.join(drifted)}"
-        return DriftReport(DRIFT, reason, drifted=drifted, **common)
+        return DriftReport(DRIFT, reason, drifted=drifted, significant=named, **common)
     small_effects = int((significant & ~large).sum())
     reason = f"no test drifted ({rule})"
     if small_effects:
-        reason += (f"; {small_effects} significant test(s) had a KS statistic below "
-                   f"min_ks_statistic={min_ks_statistic:g}")
-    return DriftReport(NO_DRIFT, reason, **common)
+        reason += (f"; {small_effects} significant test(s) changed less than the effect-size floor "
+                   f"(min_ks_statistic={min_ks_statistic:g}, min_distance={min_distance:g} sd): "
+                   + ", ".join(f for f in named))
+    return DriftReport(NO_DRIFT, reason, significant=named, **common)
+
+
+def wasserstein_sd(reference_sorted: np.ndarray, current_sorted: np.ndarray, reference_sd: float) -> float:
+    """The Wasserstein-1 distance between two sorted samples, in standard deviations of the reference.
+
+    Computed by scipy between DISTANCE_QUANTILES evenly spaced quantiles of each sample (the
+    midpoints of equal-probability bins), which is within a bin's width of the exact distance.
+    """
+    def quantiles(values: np.ndarray) -> np.ndarray:
+        n = values.size
+        positions = ((np.arange(DISTANCE_QUANTILES) + 0.5) * n / DISTANCE_QUANTILES).astype(np.int64)
+        return values[np.minimum(positions, n - 1)].astype(np.float64)
+
+    distance = float(stats.wasserstein_distance(quantiles(reference_sorted), quantiles(current_sorted)))
+    if reference_sd > 0:
+        return distance / reference_sd
+    return 0.0 if distance == 0 else math.inf
 
 
 # --- the detector --------------------------------------------------------------------------------
 
 
 def _as_columns(data: np.ndarray | pd.DataFrame, features: Sequence[str], dtype: np.dtype) -> np.ndarray:
-    """Rows (n, F) or a DataFrame -> a feature-major (F, n) array of `dtype`."""
+    """Rows (n, F) or a DataFrame -> a new feature-major (F, n) array of `dtype`.
+
+    Always a copy: the detector sorts it in place, and must not sort (or fail to sort: pandas 3
+    hands out read-only arrays) the caller's data.
+    """
     if isinstance(data, pd.DataFrame):
         missing = [f for f in features if f not in data.columns]
         if missing:
@@ -345,7 +398,7 @@ def _as_columns(data: np.ndarray | pd.DataFrame, features: Sequence[str], dtype:
             array = array[:, None]
     if array.ndim != 2 or array.shape[1] != len(features):
         raise ValueError(f"expected rows of {len(features)} features, got an array of shape {array.shape}")
-    return np.ascontiguousarray(array.T)
+    return np.array(array.T, dtype=dtype, order="C", copy=True)
 
 
 class KSDrift:
@@ -358,6 +411,8 @@ class KSDrift:
         features: names of the F columns.
         min_window_rows: below this many current rows a check is inconclusive.
         min_ks_statistic: a test drifts only when its statistic also reaches this (effect size).
+        min_distance: a test drifts only when its Wasserstein distance, in standard deviations of the
+            reference, also reaches this (effect size).
         method: p-value method, 'auto', 'exact' or 'asymp'.
         dtype: the float type values are compared in (float32 halves memory for large windows).
 
@@ -367,7 +422,7 @@ class KSDrift:
 
     def __init__(self, reference: np.ndarray | pd.DataFrame, *, p_val: float = 0.01, correction: str = "bonferroni",
                  features: Sequence[str] | None = None, min_window_rows: int = 1, min_ks_statistic: float = 0.0,
-                 method: str = "auto", dtype: type = np.float64):
+                 min_distance: float = 0.0, method: str = "auto", dtype: type = np.float64):
         if features is None:
             if isinstance(reference, pd.DataFrame):
                 features = list(reference.columns)
@@ -383,12 +438,16 @@ class KSDrift:
             raise ValueError(f"min_window_rows must be at least 1, got {min_window_rows}")
         if not 0.0 <= float(min_ks_statistic) <= 1.0:
             raise ValueError(f"min_ks_statistic must be within [0, 1], got {min_ks_statistic}")
+        if not 0.0 <= float(min_distance) < math.inf:
+            raise ValueError(f"min_distance must be a finite number of standard deviations, 0 or more, got "
+                             f"{min_distance}")
         if method not in METHODS:
             raise ValueError(f"method {method!r} is unknown; expected one of {METHODS}")
         self.p_val = float(p_val)
         self.correction = normalise_correction(correction)
         self.min_window_rows = int(min_window_rows)
         self.min_ks_statistic = float(min_ks_statistic)
+        self.min_distance = float(min_distance)
         self.method = method
         self.dtype = np.dtype(dtype)
         columns = _as_columns(reference, self.features, self.dtype)
@@ -398,6 +457,7 @@ class KSDrift:
         columns.sort(axis=1)
         self._reference = columns
         self._jumps = [distinct_counts(c) for c in columns]
+        self._sd = columns.std(axis=1, dtype=np.float64)
 
     @property
     def n_reference(self) -> int:
@@ -414,7 +474,8 @@ class KSDrift:
         return self.score_columns(_as_columns(current, self.features, self.dtype), presorted=False)
 
     def score_columns(self, columns: np.ndarray, *, presorted: bool = False) -> KSScores:
-        """Like `score`, for a feature-major (F, n) array; sorted in place unless `presorted`.
+        """Like `score`, for a feature-major (F, n) array that the caller hands over: it is sorted in
+        place unless `presorted`.
 
         The drift stage reads large windows straight into such an array to avoid copies.
         """
@@ -427,7 +488,7 @@ class KSDrift:
         width = len(self.features)
         if n2 == 0:
             nan = (float("nan"),) * width
-            return KSScores(self.features, nan, nan, (n1,) * width, (0,) * width, ("none",) * width)
+            return KSScores(self.features, nan, nan, (n1,) * width, (0,) * width, ("none",) * width, nan)
         _require_finite(columns, "current window", self.features)
         if not presorted:
             columns.sort(axis=1)
@@ -435,13 +496,15 @@ class KSDrift:
                          for (values, counts), cur in zip(self._jumps, columns, strict=True)], dtype=np.int64)
         pvalues, used = ks_pvalues(gaps, n1, n2, self.method)
         statistics = gaps / (n1 * n2)
+        distances = [wasserstein_sd(ref, cur, sd)
+                     for ref, cur, sd in zip(self._reference, columns, self._sd, strict=True)]
         return KSScores(self.features, tuple(map(float, statistics)), tuple(map(float, pvalues)),
-                        (n1,) * width, (n2,) * width, (used,) * width)
+                        (n1,) * width, (n2,) * width, (used,) * width, tuple(distances))
 
     def decide(self, scores: KSScores) -> DriftReport:
         """Judge `scores` (possibly this detector's plus others') with this detector's options."""
         return decide(scores, p_val=self.p_val, correction=self.correction, min_ks_statistic=self.min_ks_statistic,
-                      min_window_rows=self.min_window_rows)
+                      min_distance=self.min_distance, min_window_rows=self.min_window_rows)
 
     def predict(self, current: np.ndarray | pd.DataFrame) -> DriftReport:
         """The drift decision for `current` rows."""

@@ -65,7 +65,7 @@ EXIT_CODES = {NO_DRIFT: EXIT_NO_DRIFT, DRIFT: EXIT_DRIFT, INCONCLUSIVE: EXIT_INC
 RESULT_FILE = "drift_result.json"
 REPORT_FILE = "drift_report.html"
 REQUIRED_KEYS = ("features", "ks_pvalue_threshold", "correction", "test_score", "min_window_rows",
-                 "min_ks_statistic", "default_window_rows")
+                 "min_ks_statistic", "min_distance", "default_window_rows")
 
 
 class DriftConfigError(ValueError):
@@ -86,6 +86,7 @@ class DriftConfig:
     test_score: bool
     min_window_rows: int
     min_ks_statistic: float
+    min_distance: float
     default_window_rows: int
     report_features: int = 6
 
@@ -115,6 +116,7 @@ class DriftConfig:
                 test_score=parse_bool(raw["test_score"]),
                 min_window_rows=int(raw["min_window_rows"]),
                 min_ks_statistic=float(raw["min_ks_statistic"]),
+                min_distance=float(raw["min_distance"]),
                 default_window_rows=int(raw["default_window_rows"]),
                 report_features=int(raw.get("report_features", 6)),
             )
@@ -134,6 +136,8 @@ class DriftConfig:
             (self.min_window_rows >= 1, f"min_window_rows must be at least 1, got {self.min_window_rows}"),
             (0.0 <= self.min_ks_statistic <= 1.0, f"min_ks_statistic must be within [0, 1], got "
                                                   f"{self.min_ks_statistic}"),
+            (0.0 <= self.min_distance < math.inf, f"min_distance must be 0 or more standard deviations, got "
+                                                  f"{self.min_distance}"),
             (self.default_window_rows >= 1, f"default_window_rows must be at least 1, got "
                                             f"{self.default_window_rows}"),
             (self.report_features >= 0, f"report_features must be 0 or more, got {self.report_features}"),
@@ -161,6 +165,7 @@ class DriftParams:
     p_val: float | None = None
     correction: str | None = None
     min_ks_statistic: float | None = None
+    min_distance: float | None = None
     min_window_rows: int | None = None
     test_score: bool | None = None
     output_dir: Path = Path()
@@ -233,6 +238,7 @@ def _configured(params: DriftParams) -> DriftConfig:
         "ks_pvalue_threshold": params.p_val,
         "correction": params.correction,
         "min_ks_statistic": params.min_ks_statistic,
+        "min_distance": params.min_distance,
         "min_window_rows": params.min_window_rows,
         "test_score": params.test_score,
     }
@@ -296,6 +302,7 @@ def _check(params: DriftParams, config: DriftConfig, mlflow_client, name: str, p
         detector = KSDrift(reference.columns[indexes].T, p_val=config.ks_pvalue_threshold,
                            correction=config.correction, features=config.features,
                            min_window_rows=config.min_window_rows, min_ks_statistic=config.min_ks_statistic,
+                           min_distance=config.min_distance,
                            dtype=np.float32)
         store = RequestStore(request_log, create=False)
         try:
@@ -335,6 +342,7 @@ def _check(params: DriftParams, config: DriftConfig, mlflow_client, name: str, p
         "production version": str(production.version) if production else "none",
         "threshold": f"{report.threshold:.4g} ({report.correction} of p_val={report.p_val:g})",
         "min KS statistic": report.min_ks_statistic,
+        "min distance (sd)": report.min_distance,
         "run id": run_id,
         "notes": "; ".join(notes) or "-",
     }
@@ -366,20 +374,24 @@ def _check(params: DriftParams, config: DriftConfig, mlflow_client, name: str, p
     metrics = {"drifted_count": len(report.drifted), "drifted_share": report.drifted_share,
                "corrected_threshold": report.threshold, "current_rows": int(current.shape[1]),
                "reference_rows": reference.rows, "seconds": summary["seconds"]}
-    for test, stat, p in zip(report.scores.features, report.scores.statistics, report.scores.pvalues, strict=True):
+    for test, stat, p, distance in zip(report.scores.features, report.scores.statistics, report.scores.pvalues,
+                                       report.scores.distances, strict=True):
         metrics[f"ks_stat.{test}"] = stat
         metrics[f"ks_pvalue.{test}"] = p
+        metrics[f"distance.{test}"] = distance
     log(mlflow_client, run_id,
         params={"window": window.description, "window_rows": window.last_n or 0,
                 "since": params.since or "", "since_ts": window.since_ts if window.since_ts is not None else "",
                 "reference": params.reference, "reference_source": reference.source, "reference_rows": reference.rows,
                 "current_rows": int(current.shape[1]), "p_val": report.p_val, "correction": report.correction,
                 "min_window_rows": report.min_window_rows, "min_ks_statistic": report.min_ks_statistic,
+                "min_distance": report.min_distance,
                 "test_score": config.test_score, "features": len(config.features),
                 "request_log": describe(request_log), "model_name": name},
         metrics=metrics,
         tags={"drift_detected": report.tag, "status": report.status, "reason": report.reason,
-              "drifted_features": ",".join(report.drifted), "notes": "; ".join(notes)})
+              "drifted_features": ",".join(report.drifted), "significant_features": ",".join(report.significant),
+              "notes": "; ".join(notes)})
     mlflow_client.log_artifact(run_id, str(result_path))
     mlflow_client.log_artifact(run_id, str(report_path))
     return DriftResult(report, run_id, result_path, report_path, summary)
@@ -468,6 +480,9 @@ def build_parser() -> argparse.ArgumentParser:
     add("--correction", default=None, type=_optional(str), help="bonferroni, fdr or none (default: drift config)")
     add("--min-ks-statistic", "--min_ks_statistic", dest="min_ks_statistic", type=_optional(float), default=None,
         help="minimum KS statistic for a test to count as drifted (default: drift config)")
+    add("--min-distance", "--min_distance", dest="min_distance", type=_optional(float), default=None,
+        help="minimum Wasserstein distance, in reference standard deviations, for a test to count as drifted "
+             "(default: drift config)")
     add("--min-window-rows", "--min_window_rows", dest="min_window_rows", type=_optional(int), default=None,
         help="fewer current rows make the check inconclusive (default: drift config)")
     add("--test-score", "--test_score", dest="test_score", type=_optional(cli_bool), default=None,
@@ -513,7 +528,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     top = report.most_drifted(5)
     if top:
         print("  largest KS statistics: " + ", ".join(
-            f"{t}={report.feature_statistics[t]:.4f} (p={report.feature_pvalues[t]:.3g})" for t in top))
+            f"{t}={report.feature_statistics[t]:.4f} (p={report.feature_pvalues[t]:.3g}, "
+            f"{report.feature_distances[t]:.3f} sd)" for t in top))
     print(f"  MLflow run {result.run_id} (experiment {registry.DRIFT_EXPERIMENT}); wrote {result.result_path} and "
           f"{result.report_path} in {result.summary['seconds']:.1f}s")
     return EXIT_NO_DRIFT if args.exit_zero else result.exit_code

@@ -111,11 +111,13 @@ def render_html(report: DriftReport, context: Mapping[str, object], panels: list
     rows = []
     for name in order:
         i = index[name]
-        stat, p = report.scores.statistics[i], report.scores.pvalues[i]
-        mark = "drift" if name in report.drifted else ""
-        rows.append(f"<tr class='{mark}'><td>{html.escape(name)}</td><td>{_fmt(stat, '.4f')}</td>"
-                    f"<td>{_fmt(p, '.3g')}</td><td>{report.scores.n_reference[i]:,}</td>"
-                    f"<td>{report.scores.n_current[i]:,}</td><td>{mark}</td></tr>")
+        stat, p, distance = report.scores.statistics[i], report.scores.pvalues[i], report.scores.distances[i]
+        mark = "drift" if name in report.drifted else "small" if name in report.significant else ""
+        note = {"drift": "drift", "small": "significant, below the effect-size floor"}.get(mark, "")
+        rows.append(f"<tr class='{mark}'><td>{html.escape(name)}</td>"
+                    f"<td>{_fmt(stat, '.4f')}</td><td>{_fmt(p, '.3g')}</td><td>{_fmt(distance, '.3f')}</td>"
+                    f"<td>{report.scores.n_reference[i]:,}</td>"
+                    f"<td>{report.scores.n_current[i]:,}</td><td>{note}</td></tr>")
     plots = ""
     if panels:
         plots = ("<h2>Most drifted tests (empirical CDFs; red bar: the KS gap)</h2><div class='plots'>"
@@ -130,7 +132,8 @@ td,th{{border:1px solid #ccc;padding:2px 8px;text-align:left}} tr.drift td{{back
 <table>{facts}</table>
 {plots}
 <h2>All tests</h2>
-<table><tr><th>test</th><th>KS statistic</th><th>p-value</th><th>reference rows</th><th>current rows</th>
+<table><tr><th>test</th><th>KS statistic</th><th>p-value</th><th>distance (sd)</th><th>reference rows</th>
+<th>current rows</th>
 <th></th></tr>{''.join(rows)}</table>
 </body></html>
 """

@@ -30,7 +30,7 @@ from common.registry import client, move_to_stage, production_version, stages_ap
 from common.store import RequestStore
 from tests.helpers.image import image_command, image_tree
 from tests.helpers.processes import clean_env, free_port, http_ok, run, start, wait_until
-from training.generate import drift_batch
+from training import scenarios
 
 pytestmark = pytest.mark.postgres
 
@@ -168,10 +168,15 @@ def test_two_services_share_a_tracking_server_and_request_log_through_the_whole_
 
         # --- traffic through both: A by the simulator (with its feedback), B by a client whose
         # labels go back through A, so a label finds a row the other process logged --------------------
-        run([*python, "monitoring.simulate", "--month", "3", "--rows", str(TRAFFIC_ROWS), "--batch", str(BATCH),
-             "--seed", "1", "--url", urls[0], "--feedback", "true"], env=env, cwd=app)
-        traffic = drift_batch(TRAFFIC_ROWS, month=3, seed=2,
-                              amount_scaler=load_feature_config(tmp_path / "feature_config.json"))
+        # Legitimate traffic 2 sd off on V1..V5 (a change the drift check's effect-size floor lets through),
+        # and a chargeback feed that reports every label at once, so that this test needs no later month.
+        shift = ["--scenario", "covariate", "--v-shift", "2", "--delay-min-days", "0", "--delay-max-days", "0",
+                 "--maturity-days", "0", "--unreported", "0"]
+        run([*python, "monitoring.simulate", *shift, "--month", "3", "--rows", str(TRAFFIC_ROWS), "--batch",
+             str(BATCH), "--seed", "1", "--url", urls[0], "--feedback", "true", "--ledger",
+             str(tmp_path / "ledger.db")], env=env, cwd=app)
+        traffic = scenarios.inputs(scenarios.named("covariate", v_shift=2.0, seed=2), 3,
+                                   load_feature_config(tmp_path / "feature_config.json"), TRAFFIC_ROWS)
         auth = {"Authorization": f"Bearer {TOKEN}"}
         ids_b, labels_b = [], []
         for start_row in range(0, TRAFFIC_ROWS, BATCH):

@@ -13,7 +13,8 @@ from common.features import AmountScaler, save_feature_config
 from common.schema import FEATURES, LABEL
 from common.store import RequestStore
 from tests.helpers.builders import MlflowStore, new_mlflow_store
-from training.generate import drift_batch, generate_frame
+from training import scenarios
+from training.generate import generate_frame
 
 REFERENCE_ROWS = 4_000
 
@@ -31,7 +32,11 @@ class DriftWorld:
         return {"REFERENCE_DB": str(self.reference_db), "FEATURE_CONFIG": str(self.feature_config)}
 
     def batch(self, rows: int, month: int, seed: int) -> pd.DataFrame:
-        return drift_batch(rows, month, seed, self.scaler)
+        """`rows` of month `month` of a covariate drift large enough for the drift check's effect-size
+        floor from month 3 ($400 and 2 sd on V1..V5, reached over three months); month 0 is the
+        reference's distribution."""
+        return scenarios.inputs(scenarios.named("covariate", seed=seed, amount_shift=400.0, v_shift=2.0), month,
+                                self.scaler, rows)
 
 
 
@@ -42,7 +47,7 @@ def drift_world(tmp_path_factory) -> DriftWorld:
     raw = generate_frame(REFERENCE_ROWS, seed=11)
     scaler = AmountScaler.fit(raw["Amount"].to_numpy(), fitted_on="tests")
     config = save_feature_config(scaler, root / "feature_config.json")
-    reference = drift_batch(REFERENCE_ROWS, 0, 11, scaler)
+    reference = scenarios.inputs(scenarios.named("stable", seed=11), 0, scaler, REFERENCE_ROWS)
     frame = reference[[*FEATURES, LABEL]].copy()
     frame.insert(0, "request_id", [f"ref-{i}" for i in range(len(frame))])
     frame.insert(1, "ts", np.arange(len(frame), dtype=float))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 import numpy as np
+import pandas as pd
 import pytest
 from scipy import stats
 
@@ -86,7 +87,8 @@ def test_benjamini_hochberg_threshold_is_the_largest_step_up_cut():
 
 
 def test_fdr_flags_more_tests_than_bonferroni_when_several_are_moderately_significant():
-    scores = KSScores(tuple("abcd"), (0.1,) * 4, (0.002, 0.02, 0.03, 0.5), (100,) * 4, (100,) * 4, ("exact",) * 4)
+    scores = KSScores(tuple("abcd"), (0.1,) * 4, (0.002, 0.02, 0.03, 0.5), (100,) * 4, (100,) * 4, ("exact",) * 4,
+                      (0.3,) * 4)
     bonferroni = decide(scores, p_val=0.05, correction="bonferroni")
     fdr = decide(scores, p_val=0.05, correction="fdr")
     assert bonferroni.drifted == ("a",)
@@ -117,6 +119,46 @@ def test_min_ks_statistic_ignores_negligible_shift_in_a_huge_window():
     damped = KSDrift(reference, min_ks_statistic=0.05, dtype=np.float32).predict(current)
     assert plain.status == DRIFT
     assert damped.status == NO_DRIFT and "min_ks_statistic" in damped.reason
+
+
+def test_min_distance_ignores_a_shift_too_small_to_matter_and_keeps_a_large_one():
+    rng = np.random.default_rng(13)
+    reference = rng.normal(10.0, 2.0, size=(50_000, 2))
+    # 0.05 sd on the first column is significant in 10,000 rows; 0.5 sd on the second is large.
+    current = rng.normal(10.0, 2.0, size=(10_000, 2)) + np.array([0.1, 1.0])
+    plain = KSDrift(reference, features=["small", "large"]).predict(current)
+    floored = KSDrift(reference, features=["small", "large"], min_distance=0.1).predict(current)
+    assert set(plain.drifted) == {"small", "large"}
+    assert floored.drifted == ("large",) and floored.significant == ("small", "large")
+    distances = floored.feature_distances
+    assert distances["small"] == pytest.approx(0.05, abs=0.02) and distances["large"] == pytest.approx(0.5, abs=0.03)
+    quiet = KSDrift(reference, features=["small", "large"], min_distance=0.1).predict(current - [0.0, 1.0])
+    assert quiet.status == NO_DRIFT and "effect-size floor" in quiet.reason and "small" in quiet.reason
+
+
+def test_distance_is_in_reference_standard_deviations_and_matches_scipy():
+    rng = np.random.default_rng(14)
+    reference, current = rng.lognormal(3, 1, 20_000), rng.lognormal(3.1, 1, 8_000)
+    scores = KSDrift(reference[:, None], features=["amount"]).score(current[:, None])
+    exact = stats.wasserstein_distance(reference, current) / reference.std()
+    assert scores.distances[0] == pytest.approx(exact, rel=0.05)
+
+
+def test_a_read_only_frame_from_pandas_is_scored_and_left_unsorted():
+    # pandas 3 hands out read-only arrays from to_numpy(); the detector must not sort them in place.
+    rng = np.random.default_rng(15)
+    reference = pd.DataFrame(rng.normal(size=(2_000, 3)), columns=["a", "b", "c"])
+    window = pd.DataFrame(rng.normal(size=(1_000, 3)) + 0.5, columns=["a", "b", "c"])
+    rows = window.to_numpy()
+    rows.flags.writeable = False
+    before = rows.copy()
+    detector = KSDrift(reference.to_numpy(), features=["a", "b", "c"])
+    report = detector.predict(rows)
+    assert report.status == DRIFT
+    assert np.array_equal(rows, before)
+    writable = np.asfortranarray(before)  # a column-major array whose transpose needs no copy
+    detector.predict(writable)
+    assert np.array_equal(writable, before)
 
 
 def test_report_is_immutable_and_keeps_the_original_json_keys():
@@ -157,6 +199,7 @@ def test_families_combine_and_are_corrected_together():
     ({"correction": "holm"}, "correction"),
     ({"min_window_rows": 0}, "min_window_rows"),
     ({"min_ks_statistic": -0.1}, "min_ks_statistic"),
+    ({"min_distance": -1.0}, "min_distance"),
     ({"method": "fast"}, "method"),
     ({"features": ["a"]}, "expected rows of 1 features"),
 ])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from dataclasses import dataclass
@@ -18,7 +19,8 @@ from tests.helpers.builders import MlflowStore, ReferenceData, TrainedModel, new
 
 @dataclass(frozen=True)
 class GateRegistry:
-    """Four Staging versions: 1 and 2 good (the same training), 3 a one-stump forest, 4 with a corrupt ONNX."""
+    """Five Staging versions: 1 and 2 good (the same training), 3 a one-stump forest, 4 with a corrupt ONNX,
+    5 a smaller forest a little worse than 1."""
 
     store: MlflowStore
     data: ReferenceData
@@ -26,6 +28,7 @@ class GateRegistry:
     other: TrainedModel
     stump: TrainedModel
     broken: TrainedModel
+    weaker: TrainedModel
 
     def copy(self, dest: Path) -> MlflowStore:
         """A private copy of the registry database; artifacts are shared by path (read-only)."""
@@ -48,7 +51,8 @@ def gate_registry(tmp_path_factory, reference_data) -> GateRegistry:
     stump = train_model(store, reference_data, seed=2, n_estimators=1, max_depth=1, max_features="2")
     broken = train_model(store, reference_data, seed=3)
     _corrupt_onnx(store, broken.run_id)
-    return GateRegistry(store, reference_data, good, other, stump, broken)
+    weaker = train_model(store, reference_data, seed=2, n_estimators=4)
+    return GateRegistry(store, reference_data, good, other, stump, broken, weaker)
 
 
 @dataclass(frozen=True)
@@ -176,7 +180,7 @@ def test_explicit_reason_is_enough_and_is_recorded(world):
 def test_default_candidate_is_the_newest_staging_version(world):
     world.make_production(world.registry.good.version)
     assert world.promote("--reason", "scheduled") in (gate.EXIT_PASSED, gate.EXIT_REFUSED)
-    assert world.result()["candidate_version"] == world.registry.broken.version
+    assert world.result()["candidate_version"] == world.registry.weaker.version
 
 
 def test_worse_candidate_is_refused_on_the_same_evaluation_rows(world):
@@ -261,3 +265,64 @@ def test_candidate_without_its_evaluation_rows_is_refused(world):
         hidden.rename(evaluation)
     assert registry.production_version(world.client(), world.name) is None
     assert any(r.startswith("quality: not measured") and "evaluation.parquet" in r for r in world.result()["reasons"])
+
+
+# --- the margins, on models that are not perfect ------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def drops(gate_registry, tmp_path_factory) -> dict[str, float]:
+    """How far `weaker` falls below `good` on its evaluation rows, as the gate measures it."""
+    root = tmp_path_factory.mktemp("gate-drops")
+    store = gate_registry.copy(root / "registry")
+    name, good, weaker = gate_registry.good.name, gate_registry.good.version, gate_registry.weaker.version
+    registry.move_to_stage(store.client(), name, good, "Production")
+    config = root / "generous.json"
+    config.write_text(json.dumps({"max_average_precision_drop": 1.0, "max_recall_drop": 1.0}))
+    with pytest.MonkeyPatch.context() as mp:
+        for key, value in {**store.env(), **gate_registry.data.env(), "MODEL_NAME": name}.items():
+            mp.setenv(key, value)
+        mp.delenv("MLFLOW_RUN_ID", raising=False)
+        code = gate.main(["--version", weaker, "--reason", "manual", "--config", str(config),
+                          "--reference-file", str(root / "ref.parquet"), "--output-dir", str(root)])
+    assert code == gate.EXIT_PASSED
+    metrics = json.loads((root / gate.RESULT_FILE).read_text())["metrics"]
+    found = {m: metrics[f"production.{m}"] - metrics[f"candidate.{m}"] for m in gate.COMPARED}
+    # The generated data is hard enough that neither model is perfect, and the smaller forest is worse
+    # on both metrics: otherwise the margins below would test nothing.
+    assert metrics["production.average_precision"] < 0.99 and metrics["production.recall"] < 1.0, metrics
+    assert found["average_precision"] > 0.005 and found["recall"] > 0.005, found
+    return found
+
+
+def _margins(world: GateWorld, tmp_path: Path, **margins: float) -> str:
+    config = tmp_path / "margins.json"
+    config.write_text(json.dumps({**dataclasses.asdict(gate.GateConfig()), **margins}))
+    return str(config)
+
+
+@pytest.mark.parametrize(("metric", "inside"), [("average_precision", True), ("average_precision", False),
+                                                 ("recall", True), ("recall", False)])
+def test_a_candidate_just_inside_a_margin_passes_and_just_outside_it_is_refused(world, drops, tmp_path, metric,
+                                                                               inside):
+    """The other metric's margin is wide open, so each case tests one margin alone."""
+    other = next(m for m in gate.COMPARED if m != metric)
+    drop = drops[metric]
+    margin = drop * (1.05 if inside else 0.95)
+    names = {"average_precision": "max_average_precision_drop", "recall": "max_recall_drop"}
+    config = _margins(world, tmp_path, **{names[metric]: margin, names[other]: 1.0})
+    world.make_production(world.registry.good.version)
+    code = world.promote("--version", world.registry.weaker.version, "--reason", "manual", "--config", config)
+    reasons = " ".join(world.result()["reasons"])
+    if inside:
+        assert code == gate.EXIT_PASSED, reasons
+        assert world.stage_of(world.registry.weaker.version) == "Production"
+    else:
+        assert code == gate.EXIT_REFUSED, reasons
+        assert f"candidate worse than Production: {metric}" in reasons
+        assert world.stage_of(world.registry.good.version) == "Production"
+
+
+def test_gate_config_defaults_are_the_shipped_promotion_config():
+    shipped = gate.GateConfig.load(Path(__file__).resolve().parents[2] / "data" / "promotion_config.json")
+    assert shipped == gate.GateConfig()

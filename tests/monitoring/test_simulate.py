@@ -59,24 +59,53 @@ def test_token_comes_from_the_environment_or_the_token_file(monkeypatch, tmp_pat
         simulate.read_token()
 
 
-def test_drifted_traffic_with_feedback_is_logged_labelled_and_then_detected(service_url, served_registry,
-                                                                           reference_data, use_env, monkeypatch,
-                                                                           tmp_path, capsys):
+def test_labels_wait_for_the_chargeback_delay_and_a_later_month_delivers_them(service_url, served_registry,
+                                                                             reference_data, use_env, monkeypatch,
+                                                                             tmp_path, capsys):
     url, log = service_url
     store, model = served_registry
     use_env({**store.env(), **reference_data.env(), "LATEST_DB": log, "API_TOKEN": TOKEN, "MODEL_NAME": model.name,
              "DRIFT_REFERENCE": str(tmp_path / "drift_reference.parquet")})
     monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
-    code = simulate.main(["--month", "3", "--rows", "1200", "--batch", "400", "--url", url, "--feedback", "true"])
+    ledger = str(tmp_path / "ledger.db")
+    # Every scenario parameter is a flag: here legitimate traffic moves 2 sd on V1..V5 from month 1.
+    common = ["--scenario", "covariate", "--v-shift", "2", "--rows", "1200", "--batch", "400", "--url", url,
+              "--feedback", "true", "--ledger", ledger]
+    assert simulate.main([*common, "--month", "3"]) == 0
     out = capsys.readouterr().out
-    assert code == 0, out
-    assert "sent 1200 rows of month 3 in 3 batches" in out and f"v{model.version} (1200 rows)" in out
+    assert "sent 1200 rows of month 3 of scenario covariate in 3 batches" in out
+    assert f"v{model.version} (1200 rows)" in out
+    # Month 3's chargebacks come 30-90 days after its transactions: none by the month's end.
+    assert "0 labels sent" in out and "1200 still pending" in out
     requests_store = RequestStore(log, create=False)
-    assert requests_store.count() == 1200 and requests_store.count(labelled=True) == 1200
+    assert requests_store.count() == 1200 and requests_store.count(labelled=True) == 0
+    # Three months later every label of month 3 is known (frauds reported, the rest mature).
+    assert simulate.main([*common, "--month", "6"]) == 0
+    out = capsys.readouterr().out
+    assert "1200 labels sent" in out and "1200 still pending" in out
+    assert requests_store.count() == 2400 and requests_store.count(labelled=True) == 1200
+    labelled = requests_store.read_frame(("request_id", "Class"), labelled=True)
     requests_store.dispose()
+    assert labelled["request_id"].str.len().gt(0).all()
     assert drift.main(["--window", "1200", "--reference", "db", "--output-dir", str(tmp_path)]) == drift.EXIT_DRIFT
     result = json.loads((tmp_path / drift.RESULT_FILE).read_text())
-    assert "Amount_scaled" in result["drifted_features"] and result["score_test"] is True
+    assert set(result["drifted_features"]) & {"V1", "V2", "V3", "V4", "V5"} and result["score_test"] is True
+
+
+def test_the_month_only_form_still_sends_a_month_of_the_covariate_scenario(service_url, reference_data, use_env,
+                                                                           tmp_path, capsys):
+    url, _ = service_url
+    use_env({**reference_data.env(), "API_TOKEN": TOKEN})
+    assert simulate.main(["--month", "2", "--rows", "300", "--url", url, "--ledger", str(tmp_path / "l.db")]) == 0
+    out = capsys.readouterr().out
+    assert "sent 300 rows of month 2 of scenario covariate" in out and "feedback: not sent" in out
+    assert not (tmp_path / "l.db").exists()
+
+
+def test_a_bad_scenario_parameter_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as stopped:
+        simulate.main(["--scenario", "covariate", "--maturity-days", "5"])
+    assert stopped.value.code == 2 and "maturity_days" in capsys.readouterr().err
 
 
 def test_a_wrong_token_is_reported_with_the_service_error_and_exit_1(service_url, reference_data, use_env, capsys):

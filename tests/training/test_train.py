@@ -20,9 +20,10 @@ from common.model import ONNX_ARTIFACT, OnnxParityError, load_bundle
 from common.paths import REPO_ROOT
 from common.schema import FEATURES, LABEL
 from common.store import RequestStore
+from training import scenarios
 from training import train as tr
 from training.evaluate import METRIC_NAMES, evaluate_scores
-from training.generate import drift_batch, generate_frame
+from training.generate import generate_frame
 from training.plots import PLOT_FILES
 
 STABLE_METRICS = {
@@ -154,7 +155,8 @@ def test_each_run_registers_a_new_staging_version(make_mlflow_store, train_tiny_
 
 def _request_log(path: Path, scaler_path: Path, labelled: int, unlabelled: int) -> dict:
     """A request log as the service writes it: scored rows, some later labelled through feedback."""
-    batch = drift_batch(labelled + unlabelled, month=0, seed=11, amount_scaler=load_feature_config(scaler_path))
+    batch = scenarios.inputs(scenarios.named("stable", seed=11, fraud_rate=2.0), 0, load_feature_config(scaler_path),
+                             labelled + unlabelled)
     store = RequestStore(str(path))
     rows = batch[list(FEATURES)].copy()
     rows["request_id"] = [f"req-{i}" for i in range(len(rows))]

@@ -1,0 +1,251 @@
+"""How large a change the drift check catches, and whether the changes it catches hurt the model.
+
+`python -m monitoring.power [--windows 30] [--rows 10000] [--reference-rows 50000]` prints the table
+the README quotes. For each change in `CHANGES`, `windows` windows of `rows` transactions are drawn
+by `training.scenarios` with the change applied to every row (legitimate and fraud alike, as a change
+of the whole population would be; a new fraud pattern replaces old frauds at the normal fraud rate),
+and judged by the shipped drift check (`data/drift_config.json`: a KS test per feature and on the
+model's score, corrected together, and the effect-size floor) against a `reference_rows` sample of
+the model's training data, as `monitoring.drift` judges the request log.
+
+Reported per change:
+- the share of windows flagged by the p-value alone, and with the effect-size floor (the default);
+- the share the original service's rule would flag (any p < 0.01, no correction);
+- what the change does to a forest trained on the reference period with the default parameters: its
+  recall, precision and average precision at its own threshold, on the same rows with and without the
+  change (paired, so the difference is the change's alone).
+
+A change "hurts" when it costs more recall than the promotion gate's `max_recall_drop` tolerates
+between two models. The effect-size floor is chosen so that the check flags the changes that hurt and
+not the ones that do not (docs/decisions/015-drift-effect-size-floor.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+
+from common import settings
+from common.features import AmountScaler
+from common.schema import FEATURES, LABEL, SCORE
+from monitoring.detector import KSDrift, decide
+from monitoring.drift import DriftConfig
+from training import evaluate as ev
+from training import scenarios
+
+ORIGINAL_P = 0.01  # the original service: drift when any feature's p-value is below this, uncorrected
+# The model's strongest fraud features; a shift up moves frauds toward legitimate traffic (their fraud
+# means are negative), the direction in which a change of the population can cost recall.
+STRONGEST = ("V10", "V12", "V14", "V16", "V17")
+
+
+@dataclass(frozen=True)
+class Change:
+    """One row of the table: a name, its size in the change's own unit, and the scenario options."""
+
+    kind: str
+    size: float
+    unit: str
+    options: dict = field(default_factory=dict)
+
+    @property
+    def label(self) -> str:
+        return f"{self.kind} {self.size:g} {self.unit}".strip()
+
+
+def _population(**options) -> dict:
+    return {"covariate_month": 1, "covariate_ramp": 0, "covariate_scope": "all", **options}
+
+
+CHANGES: tuple[Change, ...] = (
+    Change("none", 0, "", {}),
+    *(Change("Amount", dollars, "$", _population(amount_shift=dollars)) for dollars in (1, 5, 10, 25, 100)),
+    *(Change("V14", sd, "sd", _population(v_shift=sd, v_features=("V14",))) for sd in (0.05, 0.1, 0.2, 0.5, 1, 2, 3)),
+    *(Change("V10,V12,V14,V16,V17", sd, "sd", _population(v_shift=sd, v_features=STRONGEST))
+      for sd in (0.05, 0.1, 0.2, 0.5, 1, 2)),
+    *(Change("new pattern", share, "of frauds", {"pattern_month": 1, "pattern_share": share, "pattern_max": share})
+      for share in (0.5, 0.8)),
+)
+
+
+@dataclass
+class Row:
+    change: Change
+    windows: int = 0
+    flagged_p: int = 0
+    flagged_floor: int = 0
+    flagged_original: int = 0
+    before: dict = field(default_factory=dict)
+    after: dict = field(default_factory=dict)
+
+    def rate(self, count: int) -> float:
+        return count / self.windows if self.windows else math.nan
+
+    def delta(self, metric: str) -> float:
+        return self.after.get(metric, math.nan) - self.before.get(metric, math.nan)
+
+
+@dataclass(frozen=True)
+class PowerResult:
+    rows: list[Row]
+    windows: int
+    window_rows: int
+    reference_rows: int
+    train_rows: int
+    config: DriftConfig
+    reference_scores: str
+    max_recall_drop: float
+    seconds: float
+
+    def hurts(self, row: Row) -> bool:
+        return row.delta("recall") < -self.max_recall_drop
+
+
+def _forest(X: pd.DataFrame, y: np.ndarray, trees: int, seed: int):
+    """The default training forest (TrainParams), with its out-of-bag fraud probabilities."""
+    from sklearn.ensemble import RandomForestClassifier
+
+    from training.train import TrainParams
+
+    kwargs = {**TrainParams(seed=seed).forest_kwargs(), "n_estimators": trees, "oob_score": True}
+    with warnings.catch_warnings():
+        # A row in every tree's sample has no out-of-bag estimate; scikit-learn warns and gives NaN.
+        warnings.filterwarnings("ignore", message=".*out-of-bag.*", category=UserWarning)
+        model = RandomForestClassifier(**kwargs).fit(X, y)
+    return model, model.oob_decision_function_[:, 1]
+
+
+def measure(windows: int = 30, rows: int = 10_000, reference_rows: int = 50_000, train_rows: int = 200_000,
+            trees: int = 100, changes: Sequence[Change] = CHANGES, seed: int = 0, config: DriftConfig | None = None,
+            reference_scores: str = "oob", max_recall_drop: float | None = None) -> PowerResult:
+    """Run every change over `windows` windows; see the module docstring.
+
+    Args:
+        windows: windows per change; window k of every change has the same base traffic.
+        rows: rows per window.
+        reference_rows: rows of the drift reference (a sample of the training rows).
+        train_rows: rows the forest is trained on (the reference period of the `stable` scenario).
+        trees: the forest's trees (the default training forest has 100).
+        changes: the table's rows.
+        seed: shifts every seed, for an independent replication.
+        config: the drift check's options (default: the shipped drift config).
+        reference_scores: "oob" (the training rows' out-of-bag scores, as training stores them) or
+            "in-sample" (the model's own scores on its training rows).
+        max_recall_drop: what "hurts" means (default: the shipped promotion config's margin).
+    """
+    from monitoring.gate import GateConfig
+
+    started = time.perf_counter()
+    config = config or DriftConfig.load(settings.drift_config_path())
+    if max_recall_drop is None:
+        max_recall_drop = GateConfig.load(settings.promotion_config_path()).max_recall_drop
+    base = scenarios.named("stable", seed=seed)
+    training = scenarios.month_frame(base, 0, train_rows)
+    scaler = AmountScaler.fit(training["Amount"].to_numpy())
+    X = scenarios.model_inputs(training, scaler)
+    y = X.pop(LABEL).to_numpy()
+    model, oob = _forest(X, y, trees, seed)
+    threshold = ev.choose_threshold(y, oob, "f1").threshold
+    sample = np.random.default_rng(seed).choice(len(X), size=min(reference_rows, len(X)), replace=False)
+    reference = X.iloc[np.sort(sample)]
+    if reference_scores == "oob":
+        ref_scores = np.nan_to_num(oob[np.sort(sample)], nan=0.0)
+    else:
+        ref_scores = model.predict_proba(reference)[:, 1]
+    features = list(config.features)
+    plain = KSDrift(reference[features], features=features, p_val=config.ks_pvalue_threshold, correction="none")
+    score_detector = KSDrift(ref_scores, features=[SCORE], p_val=config.ks_pvalue_threshold, correction="none")
+
+    unchanged: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # window k -> (labels, scores) without a change
+
+    def baseline(k: int) -> tuple[np.ndarray, np.ndarray]:
+        if k not in unchanged:
+            inputs = scenarios.inputs(base.with_options(seed=seed + 1 + k, months=1), 1, scaler, rows)
+            unchanged[k] = inputs[LABEL].to_numpy(), model.predict_proba(inputs[list(FEATURES)])[:, 1]
+        return unchanged[k]
+
+    out = [Row(change) for change in changes]
+    for row in out:
+        scenario = scenarios.named("stable", seed=seed, months=1, **row.change.options)
+        truth, scored = [], []
+        for k in range(windows):
+            # Window k of every change draws the same base rows (month 1 of the scenario at seed + 1 + k).
+            inputs = scenarios.inputs(scenario.with_options(seed=seed + 1 + k), 1, scaler, rows)
+            p = model.predict_proba(inputs[list(FEATURES)])[:, 1]
+            scores = plain.score(inputs[features])
+            if config.test_score:
+                scores = scores + score_detector.score(p[:, None])
+            p_only = decide(scores, p_val=config.ks_pvalue_threshold, correction=config.correction)
+            floored = decide(scores, p_val=config.ks_pvalue_threshold, correction=config.correction,
+                             min_ks_statistic=config.min_ks_statistic, min_distance=config.min_distance)
+            row.windows += 1
+            row.flagged_p += p_only.status == "drift"
+            row.flagged_floor += floored.status == "drift"
+            row.flagged_original += bool((np.asarray(scores.pvalues[:len(features)]) < ORIGINAL_P).any())
+            truth.append(inputs[LABEL].to_numpy())
+            scored.append(p)
+        row.after = ev.evaluate_scores(np.concatenate(truth), np.concatenate(scored), threshold)
+        row.before = ev.evaluate_scores(np.concatenate([baseline(k)[0] for k in range(windows)]),
+                                        np.concatenate([baseline(k)[1] for k in range(windows)]), threshold)
+    return PowerResult(out, windows, rows, len(reference), train_rows, config, reference_scores, max_recall_drop,
+                       time.perf_counter() - started)
+
+
+def format_table(result: PowerResult) -> str:
+    """The table, one change per line (markdown)."""
+    floor = (f"min_distance {result.config.min_distance:g} sd" if result.config.min_distance
+             else "no floor")
+    lines = [
+        f"{result.windows} windows of {result.window_rows:,} rows per change against a {result.reference_rows:,}-row "
+        f"reference; {result.config.correction} at p_val={result.config.ks_pvalue_threshold:g} over "
+        f"{len(result.config.features) + result.config.test_score} tests; a forest trained on "
+        f"{result.train_rows:,} rows; reference scores {result.reference_scores}; {result.seconds:.0f} s",
+        "",
+        f"| change | flagged, p-value only | flagged, with the floor ({floor}) | original rule | "
+        "recall | precision | average precision | hurts recall? |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for row in result.rows:
+        lines.append(
+            f"| {row.change.label} | {row.rate(row.flagged_p):.0%} | {row.rate(row.flagged_floor):.0%} | "
+            f"{row.rate(row.flagged_original):.0%} | {row.after['recall']:.3f} ({row.delta('recall'):+.3f}) | "
+            f"{row.after['precision']:.3f} ({row.delta('precision'):+.3f}) | "
+            f"{row.after['average_precision']:.3f} ({row.delta('average_precision'):+.3f}) | "
+            f"{'yes' if result.hurts(row) else 'no'} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m monitoring.power", description=__doc__.splitlines()[0])
+    parser.add_argument("--windows", type=int, default=30, help="windows per change (default 30)")
+    parser.add_argument("--rows", type=int, default=10_000, help="rows per window (default 10000)")
+    parser.add_argument("--reference-rows", "--reference_rows", dest="reference_rows", type=int, default=50_000)
+    parser.add_argument("--train-rows", "--train_rows", dest="train_rows", type=int, default=200_000)
+    parser.add_argument("--trees", type=int, default=100)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--min-distance", "--min_distance", dest="min_distance", type=float, default=None,
+                        help="effect-size floor to judge with (default: the drift config's)")
+    parser.add_argument("--reference-scores", "--reference_scores", dest="reference_scores", default="oob",
+                        choices=("oob", "in-sample"))
+    args = parser.parse_args(argv)
+    if min(args.windows, args.rows, args.reference_rows, args.train_rows, args.trees) < 1:
+        parser.error("windows, rows, reference rows, train rows and trees must be positive")
+    config = DriftConfig.load(settings.drift_config_path())
+    if args.min_distance is not None:
+        config = DriftConfig(**{**config.__dict__, "min_distance": args.min_distance}).validated("--min-distance")
+    result = measure(args.windows, args.rows, args.reference_rows, args.train_rows, args.trees, seed=args.seed,
+                     config=config, reference_scores=args.reference_scores)
+    print(format_table(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
