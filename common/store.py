@@ -11,12 +11,8 @@ A location is a SQLite file path or a SQLAlchemy URL (PostgreSQL for several rep
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import itertools
-import logging
-import os
 import sqlite3
-import threading
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -27,11 +23,10 @@ import pandas as pd
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 
-from common import settings
 from common.schema import FEATURES, LABEL
+from common.sqlite_writer import Checkpointer, WriterLock, apply_pragmas
 from common.text import first_line
-
-log = logging.getLogger(__name__)
+from common.thread_connections import ThreadConnections
 
 metadata = sa.MetaData()
 requests_table = sa.Table(
@@ -52,17 +47,9 @@ requests_table = sa.Table(
     sa.Column("label_ts", sa.Float),
 )
 
-# SQLite: WAL lets readers and the writers of several gunicorn workers proceed together; the busy
-# timeout makes a writer wait for the lock instead of failing at once.
-SQLITE_BUSY_TIMEOUT_MS = 5000
-# The request log's WAL is checkpointed by a background thread (see _Checkpointer) this often while
-# rows arrive; once the WAL holds more than WAL_RESET_BYTES of frames, the thread completes one
-# checkpoint while holding the writers' lock, so that the next commit starts the file over.
-CHECKPOINT_INTERVAL_SECONDS = 0.2
-WAL_RESET_BYTES = 32 * 1024**2
 # SQLite request-log batches go in as multi-row INSERT statements of at most this many rows (fewer
-# if the library's limit on bound values requires). A 1,000-row batch costs 0.84x the CPU of
-# executemany, which steps the statement once per row (median paired ratio, 80 interleaved rounds).
+# if the library's limit on bound values requires), which cost less CPU than executemany's one step
+# per row: see docs/decisions/008-multi-row-insert-statements.md.
 ROWS_PER_STATEMENT = 256
 
 
@@ -86,196 +73,6 @@ def describe(location: str) -> str:
     return url.render_as_string(hide_password=True)
 
 
-def _sqlite_pragmas(dbapi_connection, _record) -> None:
-    cursor = dbapi_connection.cursor()
-    cursor.execute("PRAGMA journal_mode=WAL")
-    cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
-    # NORMAL (default) in WAL mode: a committed row survives any process crash, and costs no disk
-    # flush per commit (a flush measured ~2.8 ms here, which would cap the request log at a few
-    # hundred commits/s). FULL flushes every commit, for power-loss durability. See SQLITE_SYNCHRONOUS.
-    cursor.execute(f"PRAGMA synchronous={settings.sqlite_synchronous()}")
-    cursor.close()
-
-
-class _WriterLock:
-    """Queues the writers of one SQLite file, across threads and processes, on a kernel lock.
-
-    SQLite lets one writer in at a time; another one waits in SQLite's busy handler, which sleeps
-    1, 2, 5, 10 ms ... between tries. With two workers committing single rows, 8-12 % of commits
-    measured over 1 ms that way (p99 8-11 ms); waiting on flock instead, which wakes the next writer
-    as soon as the lock is free, brought that to ~2 % (p99 3-4 ms). Readers never take it (WAL).
-    The lock is a side file, `<database>-lock`, so SQLite's own locks on the database are untouched.
-
-    The wait is bounded (`timeout`, the busy timeout): a writer that holds the lock may itself wait
-    out SQLite's busy timeout when another program holds the database, and the writers queued
-    behind it must not wait for each of those in turn (with 8 request threads, a 503 came only after
-    minutes). A writer that cannot get the lock in time fails this attempt like a busy database.
-    """
-
-    # Between tries of the process lock. A single-row commit holds it for about 50 us (p99 ~110 us),
-    # and a waiting event-loop worker (service/worker.py) has nothing else to run. So for the first
-    # _SPIN_SECONDS a waiter only yields the CPU between tries; until _SHORT_WAIT_SECONDS it sleeps
-    # 50 us between them; after that, as in a long wait (another program holding the database),
-    # 0.5 ms, so as not to spin.
-    #
-    # Measured under benchmarks/serve.py's load (8 connections, two workers): 16 % of commits found
-    # the lock taken, and the 90th and 99th percentiles of all waits were 138 and 190 us: a 50 us
-    # sleep lasts a median 121 us here (the kernel's timer slack and the wake-up). Yielding instead,
-    # three runs of six interleaved rounds: +6.6 %, +7.1 % and +5.8 % req/s, with 2-4 % less CPU per
-    # request. A blocking flock, which puts the waiter to sleep until the lock is free, gained
-    # nothing (1.00x): the wake-up costs what the sleep did. Yielding for 0.1 or 2 ms instead of 0.5
-    # made no difference (0.98x, 1.00x).
-    _SPIN_SECONDS = 0.0005
-    _SHORT_POLL_SECONDS = 0.00005
-    _SHORT_WAIT_SECONDS = 0.002
-    _LONG_POLL_SECONDS = 0.0005
-
-    def __init__(self, path: Path, timeout: float = SQLITE_BUSY_TIMEOUT_MS / 1000):
-        self.path = path
-        self.timeout = timeout
-        self._thread_lock = threading.Lock()
-        self._fd: int | None = None
-        self._pid: int | None = None
-
-    def __enter__(self) -> None:
-        started = time.monotonic()
-        deadline = started + self.timeout
-        if not self._thread_lock.acquire(timeout=self.timeout):
-            raise self._locked()
-        try:
-            if self._fd is None or self._pid != os.getpid():
-                self._fd, self._pid = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644), os.getpid()
-            while True:
-                try:
-                    fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    return
-                except BlockingIOError:
-                    now = time.monotonic()
-                    if now >= deadline:
-                        raise self._locked() from None
-                    waited = now - started
-                    if waited < self._SPIN_SECONDS:
-                        os.sched_yield()
-                    else:
-                        time.sleep(self._SHORT_POLL_SECONDS if waited < self._SHORT_WAIT_SECONDS
-                                   else self._LONG_POLL_SECONDS)
-        except BaseException:
-            self._thread_lock.release()
-            raise
-
-    def _locked(self) -> sa.exc.OperationalError:
-        return sa.exc.OperationalError(f"waiting for {self.path.name}", None,
-                                       TimeoutError(f"database is locked: no write turn within {self.timeout:g} s"))
-
-    def __exit__(self, *_exc) -> None:
-        try:
-            fcntl.flock(self._fd, fcntl.LOCK_UN)
-        finally:
-            self._thread_lock.release()
-
-    def close(self) -> None:
-        with self._thread_lock:
-            if self._fd is not None and self._pid == os.getpid():
-                os.close(self._fd)
-            self._fd = None
-
-
-class _Checkpointer:
-    """Runs the request log's WAL checkpoints in a background thread instead of inside commits.
-
-    By default SQLite checkpoints inside the commit that takes the WAL past 1,000 pages: that commit
-    copies the pages into the database and flushes both files to disk while it still holds the
-    writers' lock, so every writer queued behind it waits too. A single-row commit writes about three
-    pages (the table's and two indexes' leaves), so at 2,000 requests/s that happened about seven
-    times a second; a larger threshold only made each stall longer. Here the writer connections of
-    `insert_values` never checkpoint (wal_autocheckpoint=0), and this thread runs a PASSIVE
-    checkpoint, which copies pages while writers go on appending, every CHECKPOINT_INTERVAL_SECONDS
-    after a commit. benchmarks/serve.py-style load (wrk, 8 connections, 2 gthread workers), five
-    interleaved pairs of runs: median p99 11.5 ms with SQLite's own checkpoints, 10.2 ms with this.
-
-    A WAL file starts over only when a commit finds every frame checkpointed, which continuous
-    writes can postpone for ever. So when a checkpoint reports more than WAL_RESET_BYTES of frames,
-    the thread runs one more while holding the writers' lock: it copies only the frames appended
-    meanwhile, and the next commit restarts the file (it peaked at 42 MB under that load). Durability
-    does not depend on any of this: a committed row is in the WAL, and readers see it there. Another
-    worker's thread checkpointing at the same moment makes a PASSIVE checkpoint report busy, not fail.
-    """
-
-    def __init__(self, path: str, write_lock: _WriterLock, connect):
-        self.wal = Path(path + "-wal")
-        self._write_lock = write_lock
-        self._connect = connect
-        self._pending = threading.Event()
-        self._stop = threading.Event()
-        self._guard = threading.Lock()
-        self._thread: threading.Thread | None = None
-        self._pid: int | None = None
-        self._last_warning = 0.0
-        self._page_bytes: int | None = None
-        self.checkpoints = 0
-        self.resets = 0
-
-    def committed(self) -> None:
-        """A writer committed: checkpoint soon (starting the thread in this process if needed)."""
-        if self._pid != os.getpid():
-            with self._guard:
-                if self._pid != os.getpid():
-                    self._stop.clear()
-                    self._thread = threading.Thread(target=self._run, name="sqlite-wal-checkpoint", daemon=True)
-                    self._thread.start()
-                    self._pid = os.getpid()
-        if not self._pending.is_set():  # set() takes a lock and notifies: once per checkpoint is enough
-            self._pending.set()
-
-    def close(self, timeout: float = 5.0) -> None:
-        with self._guard:
-            thread, self._thread = self._thread, None
-            self._pid = None
-            self._stop.set()
-        if thread is not None and thread.is_alive():
-            thread.join(timeout)
-
-    def _run(self) -> None:
-        conn = None
-        try:
-            while not self._stop.wait(CHECKPOINT_INTERVAL_SECONDS):
-                if not self._pending.is_set():
-                    continue
-                self._pending.clear()
-                try:
-                    conn = conn or self._connect()
-                    self._checkpoint(conn)
-                except Exception as exc:  # the thread must outlive a bad moment: it warns and retries
-                    if conn is not None:
-                        _close_quietly(conn)
-                        conn = None
-                    self._pending.set()
-                    self._warn(exc)
-        finally:
-            if conn is not None:
-                _close_quietly(conn)
-
-    def _checkpoint(self, conn) -> None:
-        # (busy, frames in the WAL, frames checkpointed); the file's size is only its high-water mark.
-        _busy, frames, _done = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
-        self.checkpoints += 1
-        if frames * self._page_size(conn) > WAL_RESET_BYTES:
-            with self._write_lock:
-                conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
-            self.resets += 1
-
-    def _page_size(self, conn) -> int:
-        if self._page_bytes is None:
-            self._page_bytes = int(conn.execute("PRAGMA page_size").fetchone()[0])
-        return self._page_bytes
-
-    def _warn(self, exc: Exception) -> None:
-        now = time.monotonic()
-        if now - self._last_warning >= 60:
-            self._last_warning = now
-            log.warning("WAL checkpoint of %s failed (retrying): %s", self.wal.name, first_line(exc))
-
-
 @dataclass(frozen=True)
 class FeedbackResult:
     updated: list[str]
@@ -297,17 +94,15 @@ class RequestStore:
         self.engine = sa.create_engine(self.url, **kwargs)
         sqlite_file = self.url.removeprefix("sqlite:///") if self.url.startswith("sqlite:///") else None
         on_disk = bool(sqlite_file) and sqlite_file != ":memory:"
-        self._write_lock = _WriterLock(Path(sqlite_file + "-lock")) if on_disk else contextlib.nullcontext()
+        self._write_lock = WriterLock(Path(sqlite_file + "-lock")) if on_disk else contextlib.nullcontext()
         # Only insert_values (the request log's hot path) hands its checkpoints to the thread.
-        self._checkpointer = (_Checkpointer(sqlite_file, self._write_lock, self._detached_connection) if on_disk
+        self._checkpointer = (Checkpointer(sqlite_file, self._write_lock, self._detached_connection) if on_disk
                               else None)
         # insert_values' statements by (columns, rows per statement), built once each.
         self._insert_sql: dict[tuple[tuple[str, ...], int], str] = {}
-        self._writers = threading.local()
-        self._writers_lock = threading.Lock()
-        self._all_writers: list = []
+        self._writers = ThreadConnections(self._detached_connection, self._prepare_writer)
         if self.engine.dialect.name == "sqlite":
-            sa.event.listen(self.engine, "connect", _sqlite_pragmas)
+            sa.event.listen(self.engine, "connect", apply_pragmas)
         if create:
             self.create_schema()
 
@@ -321,12 +116,8 @@ class RequestStore:
     def dispose(self) -> None:
         if self._checkpointer is not None:
             self._checkpointer.close()
-        with self._writers_lock:
-            writers, self._all_writers = self._all_writers, []
-        for conn in writers:
-            _close_quietly(conn)
-        self._writers = threading.local()
-        if isinstance(self._write_lock, _WriterLock):
+        self._writers.close()
+        if isinstance(self._write_lock, WriterLock):
             self._write_lock.close()
         self.engine.dispose()
 
@@ -458,7 +249,7 @@ class RequestStore:
         last: Exception | None = None
         for attempt in range(retries + 1):
             try:
-                conn = self._writer()
+                conn = self._writers.get()
                 with self._write_lock:
                     cursor = conn.cursor()
                     try:
@@ -473,11 +264,11 @@ class RequestStore:
                     self._checkpointer.committed()
                 return len(rows)
             except dbapi.IntegrityError as exc:
-                self._drop_writer()
+                self._writers.drop()
                 raise sa.exc.IntegrityError(sql, None, exc) from exc
             except (dbapi.Error, sa.exc.SQLAlchemyError, OSError) as exc:
                 last = exc
-                self._drop_writer()
+                self._writers.drop()
                 if attempt < retries:
                     time.sleep(backoff * (2**attempt))
         raise StoreUnavailable(f"request store {describe(self.location)} unavailable: {first_line(last)}")
@@ -510,37 +301,21 @@ class RequestStore:
             sql = self._insert_sql[(key, rows)] = self._bulk_sql(key, ignore_existing=False, rows=rows)
         return sql
 
-    def _writer(self):
-        """This thread's driver connection for `insert_values`, detached from the pool so that
-        threads never queue for it; it keeps the pragmas the pool applied when it connected."""
-        conn = getattr(self._writers, "conn", None)
-        if conn is None:
-            conn = self._detached_connection()
-            if self.dialect == "sqlite":
-                # Autocommit: a single-row insert runs as one statement instead of three (the
-                # driver's implicit BEGIN, the INSERT, COMMIT); _execute_in_chunks opens a
-                # transaction itself when it needs several statements.
-                conn.isolation_level = None
-            if self._checkpointer is not None:
-                conn.execute("PRAGMA wal_autocheckpoint=0")  # the checkpointer thread does it
-            self._writers.conn = conn
-            with self._writers_lock:
-                self._all_writers.append(conn)
-        return conn
+    def _prepare_writer(self, conn) -> None:
+        """Set up a new writer connection of `insert_values` (it has the pragmas the pool applies)."""
+        if self.dialect == "sqlite":
+            # Autocommit: a single-row insert runs as one statement instead of three (the driver's
+            # implicit BEGIN, the INSERT, COMMIT); _execute_in_chunks opens a transaction itself
+            # when it needs several statements.
+            conn.isolation_level = None
+        if self._checkpointer is not None:
+            self._checkpointer.take_over(conn)
 
     def _detached_connection(self):
         """A driver connection of its own, with the pragmas the pool applies on connect."""
         pooled = self.engine.raw_connection()
         pooled.detach()
         return pooled.dbapi_connection
-
-    def _drop_writer(self) -> None:
-        conn = getattr(self._writers, "conn", None)
-        self._writers.conn = None
-        if conn is not None:
-            _close_quietly(conn)
-            with self._writers_lock:
-                self._all_writers.remove(conn)
 
     def record_feedback(self, labels: dict[str, int], *, retries: int = 3) -> FeedbackResult:
         """Attach ground-truth labels to earlier requests, in one transaction.
@@ -795,15 +570,6 @@ def _chunk_sizes(n: int, most: int) -> Iterator[int]:
             yield bit
             rest ^= bit
         bit >>= 1
-
-
-def _close_quietly(conn) -> None:
-    """Roll back and close a driver connection that may already be broken."""
-    for step in (conn.rollback, conn.close):
-        try:
-            step()
-        except Exception:  # noqa: S112 - a broken connection may fail either step; it is dropped anyway
-            continue
 
 
 def _chunks(items: list, size: int) -> Iterator[list]:
