@@ -21,8 +21,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import sqlalchemy as sa
+import tenacity
 from sqlalchemy.dialects import postgresql, sqlite
 
+from common.retries import StoreUnavailable, call_with_retries
 from common.schema import FEATURES, LABEL
 from common.sqlite_writer import Checkpointer, WriterLock, apply_pragmas
 from common.text import first_line
@@ -51,10 +53,6 @@ requests_table = sa.Table(
 # if the library's limit on bound values requires), which cost less CPU than executemany's one step
 # per row: see docs/decisions/008-multi-row-insert-statements.md.
 ROWS_PER_STATEMENT = 256
-
-
-class StoreUnavailable(RuntimeError):
-    """The store could not be reached or written after bounded retries."""
 
 
 def to_url(location: str) -> str:
@@ -92,6 +90,7 @@ class RequestStore:
         if self.url.startswith("postgresql"):
             kwargs["connect_args"] = {"connect_timeout": 5}
         self.engine = sa.create_engine(self.url, **kwargs)
+        self._unavailable = f"request store {describe(location)} unavailable"  # StoreUnavailable's message
         sqlite_file = self.url.removeprefix("sqlite:///") if self.url.startswith("sqlite:///") else None
         on_disk = bool(sqlite_file) and sqlite_file != ":memory:"
         self._write_lock = WriterLock(Path(sqlite_file + "-lock")) if on_disk else contextlib.nullcontext()
@@ -111,7 +110,23 @@ class RequestStore:
         return self.engine.dialect.name
 
     def create_schema(self) -> None:
-        metadata.create_all(self.engine, checkfirst=True)
+        """Create the `requests` table and its indexes unless the table exists.
+
+        Several processes may create it at the same moment (the workers of one service opening their
+        log): the one whose CREATE comes second fails (on PostgreSQL with a unique violation in the
+        catalog or "already exists", on SQLite with "already exists"), and the table it finds is the
+        one it would have created.
+
+        Raises:
+            sqlalchemy.exc.DBAPIError: the table could not be created and does not exist.
+        """
+        try:
+            metadata.create_all(self.engine, checkfirst=True)
+        except sa.exc.DBAPIError:
+            with contextlib.suppress(sa.exc.DBAPIError):
+                if sa.inspect(self.engine).has_table(requests_table.name):
+                    return
+            raise
 
     def dispose(self) -> None:
         if self._checkpointer is not None:
@@ -168,22 +183,22 @@ class RequestStore:
             raise ValueError(f"not columns of the requests table: {sorted(unknown)}")
         sql = self._bulk_sql(list(frame.columns), ignore_existing)
         rows = list(frame.itertuples(index=False, name=None))
-        return self._with_retries(lambda conn: _count_new(conn, sql, rows), len(rows), retries, 0.05)
+        return self._transaction_with_retries(lambda conn: _count_new(conn, sql, rows), len(rows), retries, 0.05)
 
-    def _with_retries(self, work, default_count: int, retries: int, backoff: float) -> int:
-        last: Exception | None = None
-        for attempt in range(retries + 1):
-            try:
-                with self.engine.begin() as conn:
-                    written = work(conn)
-                return written if written is not None and written >= 0 else default_count
-            except sa.exc.IntegrityError:
-                raise
-            except (sa.exc.OperationalError, sa.exc.InterfaceError, sa.exc.DatabaseError) as exc:
-                last = exc
-                if attempt < retries:
-                    time.sleep(backoff * (2**attempt))
-        raise StoreUnavailable(f"request store {describe(self.location)} unavailable: {first_line(last)}")
+    def _transaction_with_retries(self, work, default_count: int, retries: int, backoff: float) -> int:
+        """Run `work(connection)` in one transaction, retried; it returns the rows written, or None
+        (or a negative count, as drivers give when they do not know) for `default_count`."""
+        def attempt(_number: int) -> int:
+            with self.engine.begin() as conn:
+                written = work(conn)
+            return written if written is not None and written >= 0 else default_count
+
+        return self._retry(attempt, retries, backoff)
+
+    def _retry(self, attempt, retries: int, backoff: float):
+        """`common.retries.call_with_retries` with this store's backoff, doubling, and message."""
+        return call_with_retries(attempt, retries=retries, wait=tenacity.wait_exponential(multiplier=backoff),
+                                 failure=self._unavailable)
 
     def insert_rows(self, rows: Sequence[dict], *, ignore_existing: bool = False, retries: int = 3,
                     backoff: float = 0.05) -> int:
@@ -199,9 +214,11 @@ class RequestStore:
             The number of rows written (rows skipped as existing are not counted).
 
         Raises:
-            StoreUnavailable: every attempt failed; nothing was written.
+            StoreUnavailable: every attempt failed, or one failed in a way no retry cures
+                (common.retries); nothing was written.
         """
-        return self._with_retries(lambda conn: self._insert(conn, rows, ignore_existing), len(rows), retries, backoff)
+        return self._transaction_with_retries(lambda conn: self._insert(conn, rows, ignore_existing), len(rows),
+                                              retries, backoff)
 
     def insert_values(self, columns: Sequence[str], rows: Sequence[Sequence] | np.ndarray, *, retries: int = 3,
                       backoff: float = 0.05) -> int:
@@ -225,7 +242,8 @@ class RequestStore:
         Raises:
             ValueError: a name is not a column of `requests`, or a row does not have one value per column.
             sqlalchemy.exc.IntegrityError: a row breaks a constraint (e.g. a duplicate request_id).
-            StoreUnavailable: every attempt failed; nothing was written.
+            StoreUnavailable: every attempt failed, or one failed in a way no retry cures
+                (common.retries); nothing was written.
         """
         key = tuple(columns)
         if (key, 1) not in self._insert_sql:
@@ -246,10 +264,10 @@ class RequestStore:
         if len(rows) == 0:
             return 0
         dbapi = self.engine.dialect.loaded_dbapi
-        last: Exception | None = None
-        for attempt in range(retries + 1):
+
+        def attempt(_number: int) -> int:
             try:
-                conn = self._writers.get()
+                conn = self._writers.get()  # the pool hands connection failures on as the driver's errors
                 with self._write_lock:
                     cursor = conn.cursor()
                     try:
@@ -260,18 +278,16 @@ class RequestStore:
                     finally:
                         cursor.close()
                     conn.commit()
-                if self._checkpointer is not None:
-                    self._checkpointer.committed()
-                return len(rows)
-            except dbapi.IntegrityError as exc:
-                self._writers.drop()
-                raise sa.exc.IntegrityError(sql, None, exc) from exc
-            except (dbapi.Error, sa.exc.SQLAlchemyError, OSError) as exc:
-                last = exc
-                self._writers.drop()
-                if attempt < retries:
-                    time.sleep(backoff * (2**attempt))
-        raise StoreUnavailable(f"request store {describe(self.location)} unavailable: {first_line(last)}")
+            except BaseException as exc:
+                self._writers.drop()  # the next attempt, or write, starts on a fresh connection
+                if isinstance(exc, dbapi.Error):
+                    raise _as_sqlalchemy_error(exc, sql, dbapi) from exc
+                raise
+            if self._checkpointer is not None:
+                self._checkpointer.committed()
+            return len(rows)
+
+        return self._retry(attempt, retries, backoff)
 
     def _execute_in_chunks(self, cursor, key: tuple[str, ...], rows: list | np.ndarray) -> None:
         """Insert rows through multi-row statements, in one transaction. The chunk sizes are
@@ -324,33 +340,30 @@ class RequestStore:
             Which ids were updated and which are unknown (never silently dropped).
 
         Raises:
-            StoreUnavailable: the store could not be written after bounded retries.
+            StoreUnavailable: the store could not be written, after bounded retries where they help
+                (common.retries).
         """
         ids = list(labels)
-        last: Exception | None = None
-        for attempt in range(retries + 1):
-            try:
-                with self._write_lock, self.engine.begin() as conn:
-                    known: set[str] = set()
-                    for chunk in _chunks(ids, 500):
-                        found = conn.execute(sa.select(requests_table.c.request_id)
-                                             .where(requests_table.c.request_id.in_(chunk)))
-                        known.update(r[0] for r in found)
-                    now = time.time()
-                    updates = [{"rid": rid, "label": int(labels[rid]), "now": now} for rid in ids if rid in known]
-                    if updates:
-                        conn.execute(
-                            requests_table.update()
-                            .where(requests_table.c.request_id == sa.bindparam("rid"))
-                            .values({LABEL: sa.bindparam("label"), "label_ts": sa.bindparam("now")}),
-                            updates,
-                        )
-                return FeedbackResult([rid for rid in ids if rid in known], [rid for rid in ids if rid not in known])
-            except (sa.exc.OperationalError, sa.exc.InterfaceError) as exc:
-                last = exc
-                if attempt < retries:
-                    time.sleep(0.05 * (2**attempt))
-        raise StoreUnavailable(f"request store {describe(self.location)} unavailable: {first_line(last)}")
+
+        def attempt(_number: int) -> FeedbackResult:
+            with self._write_lock, self.engine.begin() as conn:
+                known: set[str] = set()
+                for chunk in _chunks(ids, 500):
+                    found = conn.execute(sa.select(requests_table.c.request_id)
+                                         .where(requests_table.c.request_id.in_(chunk)))
+                    known.update(r[0] for r in found)
+                now = time.time()
+                updates = [{"rid": rid, "label": int(labels[rid]), "now": now} for rid in ids if rid in known]
+                if updates:
+                    conn.execute(
+                        requests_table.update()
+                        .where(requests_table.c.request_id == sa.bindparam("rid"))
+                        .values({LABEL: sa.bindparam("label"), "label_ts": sa.bindparam("now")}),
+                        updates,
+                    )
+            return FeedbackResult([rid for rid in ids if rid in known], [rid for rid in ids if rid not in known])
+
+        return self._retry(attempt, retries, 0.05)
 
     # --- reads -----------------------------------------------------------------------------------
 
@@ -547,6 +560,20 @@ def _fill_columns(cursor, width: int, expected: int, dtype: type, chunk_rows: in
     if extra:
         return np.concatenate([out, *extra], axis=1)
     return out[:, :filled]
+
+
+def _as_sqlalchemy_error(exc: Exception, statement: str, dbapi) -> sa.exc.DBAPIError:
+    """The SQLAlchemy error of a driver's error, as the engine would raise it.
+
+    `insert_values` talks to the driver directly; its callers and the retry policy
+    (common.retries.RETRYABLE) then see the same classes as for any other statement. The driver's
+    classes are those of PEP 249, which SQLAlchemy's mirror by name.
+    """
+    for kind in ("IntegrityError", "OperationalError", "InterfaceError", "ProgrammingError", "DataError",
+                 "InternalError", "NotSupportedError", "DatabaseError"):  # DatabaseError, their base, last
+        if isinstance(exc, getattr(dbapi, kind)):
+            return getattr(sa.exc, kind)(statement, None, exc)
+    return sa.exc.DBAPIError(statement, None, exc)
 
 
 def _count_new(conn: sa.Connection, sql: str, rows: list[tuple]) -> int:

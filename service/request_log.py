@@ -17,11 +17,11 @@ import threading
 import time
 
 import numpy as np
-import sqlalchemy as sa
+import tenacity
 
+from common.retries import call_with_retries
 from common.schema import FEATURES
 from common.store import FeedbackResult, RequestStore, StoreUnavailable, describe
-from common.text import first_line
 from service.parsing import Batch
 from service.scoring import Predictions
 
@@ -89,16 +89,10 @@ class RequestLog:
             return self._store
 
     def _open(self) -> RequestStore:
-        last: Exception | None = None
-        for attempt in range(3):
-            try:
-                return RequestStore(self.location)
-            except sa.exc.SQLAlchemyError as exc:
-                # Several workers may create the table at the same moment; one wins, the others retry.
-                last = exc
-                time.sleep(0.05 * (attempt + 1))
-        raise StoreUnavailable(f"request log {describe(self.location)} cannot be opened: "
-                               f"{first_line(last)}")
+        # Three attempts, 50 then 100 ms apart: a database that is starting or busy may take the next.
+        return call_with_retries(lambda _number: RequestStore(self.location), retries=2,
+                                 wait=tenacity.wait_incrementing(start=0.05, increment=0.05),
+                                 failure=f"request log {describe(self.location)} cannot be opened")
 
     def record(self, request_id: str, batch: Batch, predictions: Predictions, ts: float | None = None) -> list[str]:
         """Commit one row per scored row and return their ids.
