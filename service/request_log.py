@@ -45,12 +45,7 @@ def new_request_id() -> str:
     are the version and variant), so ids sort by time, and two ids of the same millisecond are equal
     with a chance of 2^-74. The request log's `request_id` index then grows at one end, as the table
     and its `ts` index do, instead of taking each new row on a random page of an index that grows
-    with the log.
-
-    Measured under benchmarks/serve.py's load (8 connections, two workers, six interleaved rounds)
-    on a request log that already held 1,000,000 rows: random ids (uuid4-like) gave a median p99 of
-    31 ms, these 4.4 ms, with 1.08x the requests per second. On an empty log the random ids' p99
-    rose round by round as the log grew (4.0 to 8.3 ms); these stayed at 3.7-5.6 ms.
+    with the log (docs/decisions/004-time-ordered-request-ids.md).
     """
     random = int.from_bytes(os.urandom(10), "big")  # 80 bits: 12 for rand_a, 62 for rand_b, 6 unused
     rand_a, rand_b = (random >> 62) & 0xFFF, random & _RAND_B_MASK
@@ -137,9 +132,9 @@ class RequestLog:
 
 def _values(ids: list[str], ts: float, batch: Batch, predictions: Predictions) -> list[tuple] | np.ndarray:
     """The COLUMNS values of each row: one tuple for the common single row, else an object array
-    filled column by column. For 1,000 rows that takes about half the time of a tuple per row, and
-    the store hands each multi-row statement its values with one `ravel().tolist()` instead of
-    chaining the tuples."""
+    filled column by column, which is quicker to build than a tuple per row, and from which the
+    store hands each multi-row statement its values with one `ravel().tolist()` instead of chaining
+    the tuples (docs/decisions/008-multi-row-insert-statements.md)."""
     threshold, name, version = predictions.threshold, predictions.model_name, predictions.model_version
     if len(ids) == 1:
         amount = None if batch.amount is None or np.isnan(batch.amount[0]) else float(batch.amount[0])
