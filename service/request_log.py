@@ -45,7 +45,7 @@ def new_request_id() -> str:
     are the version and variant), so ids sort by time, and two ids of the same millisecond are equal
     with a chance of 2^-74. The request log's `request_id` index then grows at one end, as the table
     and its `ts` index do, instead of taking each new row on a random page of an index that grows
-    with the log (docs/decisions/004-time-ordered-request-ids.md).
+    with the log, which slows commits as the log grows (docs/decisions/004-time-ordered-request-ids.md).
     """
     random = int.from_bytes(os.urandom(10), "big")  # 80 bits: 12 for rand_a, 62 for rand_b, 6 unused
     rand_a, rand_b = (random >> 62) & 0xFFF, random & _RAND_B_MASK
