@@ -391,7 +391,7 @@ class RequestStore:
             if last_n < 1:
                 return stmt.where(sa.false()).order_by(requests_table.c.id)
             # The newest n rows are those from the n-th newest id on: one index step, where
-            # `id IN (newest n ids)` would build a temporary set of n ids.
+            # `id IN (newest n ids)` would build a temporary set of n ids (docs/decisions/013-drift-window-reads.md).
             nth_newest = (sa.select(requests_table.c.id).order_by(requests_table.c.id.desc())
                           .limit(1).offset(last_n - 1))
             if since_ts is not None:
@@ -513,9 +513,10 @@ class RequestStore:
 def _read_sqlite_arrow(path: str, sql: str, width: int, expected: int, dtype: type) -> np.ndarray | None:
     """Run a numeric query through the ADBC SQLite driver into a (width, rows) array.
 
-    Arrow batches are built in C, at a fraction of the CPU of Python's sqlite3 tuples. Returns None
-    when the driver cannot type a column (it infers types from the first rows, so e.g. a column that
-    starts with NULLs and later holds numbers), and the caller reads through the DB-API cursor instead.
+    Arrow batches are built in C, at a fraction of the CPU of Python's sqlite3 tuples
+    (docs/decisions/013-drift-window-reads.md). Returns None when the driver cannot type a column
+    (it infers types from the first rows, so e.g. a column that starts with NULLs and later holds
+    numbers), and the caller reads through the DB-API cursor instead.
     """
     import adbc_driver_sqlite.dbapi as adbc_sqlite
     import pyarrow as pa
