@@ -40,7 +40,8 @@ import requests
 from common.paths import REPO_ROOT
 from common.registry import move_to_stage
 from common.schema import FEATURES, LABEL
-from common.store import SQLITE_BUSY_TIMEOUT_MS, RequestStore
+from common.sqlite_writer import SQLITE_BUSY_TIMEOUT_MS
+from common.store import RequestStore
 from service.request_log import WRITE_RETRIES
 from tests.helpers import processes
 from tests.helpers.builders import MlflowStore

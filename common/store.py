@@ -11,12 +11,8 @@ A location is a SQLite file path or a SQLAlchemy URL (PostgreSQL for several rep
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import itertools
-import logging
-import os
 import sqlite3
-import threading
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -25,13 +21,14 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import sqlalchemy as sa
+import tenacity
 from sqlalchemy.dialects import postgresql, sqlite
 
-from common import settings
+from common.retries import StoreUnavailable, call_with_retries
 from common.schema import FEATURES, LABEL
+from common.sqlite_writer import Checkpointer, WriterLock, apply_pragmas
 from common.text import first_line
-
-log = logging.getLogger(__name__)
+from common.thread_connections import ThreadConnections
 
 metadata = sa.MetaData()
 requests_table = sa.Table(
@@ -52,22 +49,10 @@ requests_table = sa.Table(
     sa.Column("label_ts", sa.Float),
 )
 
-# SQLite: WAL lets readers and the writers of several gunicorn workers proceed together; the busy
-# timeout makes a writer wait for the lock instead of failing at once.
-SQLITE_BUSY_TIMEOUT_MS = 5000
-# The request log's WAL is checkpointed by a background thread (see _Checkpointer) this often while
-# rows arrive; once the WAL holds more than WAL_RESET_BYTES of frames, the thread completes one
-# checkpoint while holding the writers' lock, so that the next commit starts the file over.
-CHECKPOINT_INTERVAL_SECONDS = 0.2
-WAL_RESET_BYTES = 32 * 1024**2
 # SQLite request-log batches go in as multi-row INSERT statements of at most this many rows (fewer
-# if the library's limit on bound values requires). A 1,000-row batch costs 0.84x the CPU of
-# executemany, which steps the statement once per row (median paired ratio, 80 interleaved rounds).
+# if the library's limit on bound values requires), which cost less CPU than executemany's one step
+# per row: see docs/decisions/008-multi-row-insert-statements.md.
 ROWS_PER_STATEMENT = 256
-
-
-class StoreUnavailable(RuntimeError):
-    """The store could not be reached or written after bounded retries."""
 
 
 def to_url(location: str) -> str:
@@ -84,196 +69,6 @@ def describe(location: str) -> str:
     """The location with any password removed, safe for logs and MLflow params."""
     url = sa.make_url(to_url(location))
     return url.render_as_string(hide_password=True)
-
-
-def _sqlite_pragmas(dbapi_connection, _record) -> None:
-    cursor = dbapi_connection.cursor()
-    cursor.execute("PRAGMA journal_mode=WAL")
-    cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
-    # NORMAL (default) in WAL mode: a committed row survives any process crash, and costs no disk
-    # flush per commit (a flush measured ~2.8 ms here, which would cap the request log at a few
-    # hundred commits/s). FULL flushes every commit, for power-loss durability. See SQLITE_SYNCHRONOUS.
-    cursor.execute(f"PRAGMA synchronous={settings.sqlite_synchronous()}")
-    cursor.close()
-
-
-class _WriterLock:
-    """Queues the writers of one SQLite file, across threads and processes, on a kernel lock.
-
-    SQLite lets one writer in at a time; another one waits in SQLite's busy handler, which sleeps
-    1, 2, 5, 10 ms ... between tries. With two workers committing single rows, 8-12 % of commits
-    measured over 1 ms that way (p99 8-11 ms); waiting on flock instead, which wakes the next writer
-    as soon as the lock is free, brought that to ~2 % (p99 3-4 ms). Readers never take it (WAL).
-    The lock is a side file, `<database>-lock`, so SQLite's own locks on the database are untouched.
-
-    The wait is bounded (`timeout`, the busy timeout): a writer that holds the lock may itself wait
-    out SQLite's busy timeout when another program holds the database, and the writers queued
-    behind it must not wait for each of those in turn (with 8 request threads, a 503 came only after
-    minutes). A writer that cannot get the lock in time fails this attempt like a busy database.
-    """
-
-    # Between tries of the process lock. A single-row commit holds it for about 50 us (p99 ~110 us),
-    # and a waiting event-loop worker (service/worker.py) has nothing else to run. So for the first
-    # _SPIN_SECONDS a waiter only yields the CPU between tries; until _SHORT_WAIT_SECONDS it sleeps
-    # 50 us between them; after that, as in a long wait (another program holding the database),
-    # 0.5 ms, so as not to spin.
-    #
-    # Measured under benchmarks/serve.py's load (8 connections, two workers): 16 % of commits found
-    # the lock taken, and the 90th and 99th percentiles of all waits were 138 and 190 us: a 50 us
-    # sleep lasts a median 121 us here (the kernel's timer slack and the wake-up). Yielding instead,
-    # three runs of six interleaved rounds: +6.6 %, +7.1 % and +5.8 % req/s, with 2-4 % less CPU per
-    # request. A blocking flock, which puts the waiter to sleep until the lock is free, gained
-    # nothing (1.00x): the wake-up costs what the sleep did. Yielding for 0.1 or 2 ms instead of 0.5
-    # made no difference (0.98x, 1.00x).
-    _SPIN_SECONDS = 0.0005
-    _SHORT_POLL_SECONDS = 0.00005
-    _SHORT_WAIT_SECONDS = 0.002
-    _LONG_POLL_SECONDS = 0.0005
-
-    def __init__(self, path: Path, timeout: float = SQLITE_BUSY_TIMEOUT_MS / 1000):
-        self.path = path
-        self.timeout = timeout
-        self._thread_lock = threading.Lock()
-        self._fd: int | None = None
-        self._pid: int | None = None
-
-    def __enter__(self) -> None:
-        started = time.monotonic()
-        deadline = started + self.timeout
-        if not self._thread_lock.acquire(timeout=self.timeout):
-            raise self._locked()
-        try:
-            if self._fd is None or self._pid != os.getpid():
-                self._fd, self._pid = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644), os.getpid()
-            while True:
-                try:
-                    fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    return
-                except BlockingIOError:
-                    now = time.monotonic()
-                    if now >= deadline:
-                        raise self._locked() from None
-                    waited = now - started
-                    if waited < self._SPIN_SECONDS:
-                        os.sched_yield()
-                    else:
-                        time.sleep(self._SHORT_POLL_SECONDS if waited < self._SHORT_WAIT_SECONDS
-                                   else self._LONG_POLL_SECONDS)
-        except BaseException:
-            self._thread_lock.release()
-            raise
-
-    def _locked(self) -> sa.exc.OperationalError:
-        return sa.exc.OperationalError(f"waiting for {self.path.name}", None,
-                                       TimeoutError(f"database is locked: no write turn within {self.timeout:g} s"))
-
-    def __exit__(self, *_exc) -> None:
-        try:
-            fcntl.flock(self._fd, fcntl.LOCK_UN)
-        finally:
-            self._thread_lock.release()
-
-    def close(self) -> None:
-        with self._thread_lock:
-            if self._fd is not None and self._pid == os.getpid():
-                os.close(self._fd)
-            self._fd = None
-
-
-class _Checkpointer:
-    """Runs the request log's WAL checkpoints in a background thread instead of inside commits.
-
-    By default SQLite checkpoints inside the commit that takes the WAL past 1,000 pages: that commit
-    copies the pages into the database and flushes both files to disk while it still holds the
-    writers' lock, so every writer queued behind it waits too. A single-row commit writes about three
-    pages (the table's and two indexes' leaves), so at 2,000 requests/s that happened about seven
-    times a second; a larger threshold only made each stall longer. Here the writer connections of
-    `insert_values` never checkpoint (wal_autocheckpoint=0), and this thread runs a PASSIVE
-    checkpoint, which copies pages while writers go on appending, every CHECKPOINT_INTERVAL_SECONDS
-    after a commit. benchmarks/serve.py-style load (wrk, 8 connections, 2 gthread workers), five
-    interleaved pairs of runs: median p99 11.5 ms with SQLite's own checkpoints, 10.2 ms with this.
-
-    A WAL file starts over only when a commit finds every frame checkpointed, which continuous
-    writes can postpone for ever. So when a checkpoint reports more than WAL_RESET_BYTES of frames,
-    the thread runs one more while holding the writers' lock: it copies only the frames appended
-    meanwhile, and the next commit restarts the file (it peaked at 42 MB under that load). Durability
-    does not depend on any of this: a committed row is in the WAL, and readers see it there. Another
-    worker's thread checkpointing at the same moment makes a PASSIVE checkpoint report busy, not fail.
-    """
-
-    def __init__(self, path: str, write_lock: _WriterLock, connect):
-        self.wal = Path(path + "-wal")
-        self._write_lock = write_lock
-        self._connect = connect
-        self._pending = threading.Event()
-        self._stop = threading.Event()
-        self._guard = threading.Lock()
-        self._thread: threading.Thread | None = None
-        self._pid: int | None = None
-        self._last_warning = 0.0
-        self._page_bytes: int | None = None
-        self.checkpoints = 0
-        self.resets = 0
-
-    def committed(self) -> None:
-        """A writer committed: checkpoint soon (starting the thread in this process if needed)."""
-        if self._pid != os.getpid():
-            with self._guard:
-                if self._pid != os.getpid():
-                    self._stop.clear()
-                    self._thread = threading.Thread(target=self._run, name="sqlite-wal-checkpoint", daemon=True)
-                    self._thread.start()
-                    self._pid = os.getpid()
-        if not self._pending.is_set():  # set() takes a lock and notifies: once per checkpoint is enough
-            self._pending.set()
-
-    def close(self, timeout: float = 5.0) -> None:
-        with self._guard:
-            thread, self._thread = self._thread, None
-            self._pid = None
-            self._stop.set()
-        if thread is not None and thread.is_alive():
-            thread.join(timeout)
-
-    def _run(self) -> None:
-        conn = None
-        try:
-            while not self._stop.wait(CHECKPOINT_INTERVAL_SECONDS):
-                if not self._pending.is_set():
-                    continue
-                self._pending.clear()
-                try:
-                    conn = conn or self._connect()
-                    self._checkpoint(conn)
-                except Exception as exc:  # the thread must outlive a bad moment: it warns and retries
-                    if conn is not None:
-                        _close_quietly(conn)
-                        conn = None
-                    self._pending.set()
-                    self._warn(exc)
-        finally:
-            if conn is not None:
-                _close_quietly(conn)
-
-    def _checkpoint(self, conn) -> None:
-        # (busy, frames in the WAL, frames checkpointed); the file's size is only its high-water mark.
-        _busy, frames, _done = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
-        self.checkpoints += 1
-        if frames * self._page_size(conn) > WAL_RESET_BYTES:
-            with self._write_lock:
-                conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
-            self.resets += 1
-
-    def _page_size(self, conn) -> int:
-        if self._page_bytes is None:
-            self._page_bytes = int(conn.execute("PRAGMA page_size").fetchone()[0])
-        return self._page_bytes
-
-    def _warn(self, exc: Exception) -> None:
-        now = time.monotonic()
-        if now - self._last_warning >= 60:
-            self._last_warning = now
-            log.warning("WAL checkpoint of %s failed (retrying): %s", self.wal.name, first_line(exc))
 
 
 @dataclass(frozen=True)
@@ -295,19 +90,18 @@ class RequestStore:
         if self.url.startswith("postgresql"):
             kwargs["connect_args"] = {"connect_timeout": 5}
         self.engine = sa.create_engine(self.url, **kwargs)
+        self._unavailable = f"request store {describe(location)} unavailable"  # StoreUnavailable's message
         sqlite_file = self.url.removeprefix("sqlite:///") if self.url.startswith("sqlite:///") else None
         on_disk = bool(sqlite_file) and sqlite_file != ":memory:"
-        self._write_lock = _WriterLock(Path(sqlite_file + "-lock")) if on_disk else contextlib.nullcontext()
+        self._write_lock = WriterLock(Path(sqlite_file + "-lock")) if on_disk else contextlib.nullcontext()
         # Only insert_values (the request log's hot path) hands its checkpoints to the thread.
-        self._checkpointer = (_Checkpointer(sqlite_file, self._write_lock, self._detached_connection) if on_disk
+        self._checkpointer = (Checkpointer(sqlite_file, self._write_lock, self._detached_connection) if on_disk
                               else None)
         # insert_values' statements by (columns, rows per statement), built once each.
         self._insert_sql: dict[tuple[tuple[str, ...], int], str] = {}
-        self._writers = threading.local()
-        self._writers_lock = threading.Lock()
-        self._all_writers: list = []
+        self._writers = ThreadConnections(self._detached_connection, self._prepare_writer)
         if self.engine.dialect.name == "sqlite":
-            sa.event.listen(self.engine, "connect", _sqlite_pragmas)
+            sa.event.listen(self.engine, "connect", apply_pragmas)
         if create:
             self.create_schema()
 
@@ -316,17 +110,29 @@ class RequestStore:
         return self.engine.dialect.name
 
     def create_schema(self) -> None:
-        metadata.create_all(self.engine, checkfirst=True)
+        """Create the `requests` table and its indexes unless the table exists.
+
+        Several processes may create it at the same moment (the workers of one service opening their
+        log): the one whose CREATE comes second fails (on PostgreSQL with a unique violation in the
+        catalog or "already exists", on SQLite with "already exists"), and the table it finds is the
+        one it would have created.
+
+        Raises:
+            sqlalchemy.exc.DBAPIError: the table could not be created and does not exist.
+        """
+        try:
+            metadata.create_all(self.engine, checkfirst=True)
+        except sa.exc.DBAPIError:
+            with contextlib.suppress(sa.exc.DBAPIError):
+                if sa.inspect(self.engine).has_table(requests_table.name):
+                    return
+            raise
 
     def dispose(self) -> None:
         if self._checkpointer is not None:
             self._checkpointer.close()
-        with self._writers_lock:
-            writers, self._all_writers = self._all_writers, []
-        for conn in writers:
-            _close_quietly(conn)
-        self._writers = threading.local()
-        if isinstance(self._write_lock, _WriterLock):
+        self._writers.close()
+        if isinstance(self._write_lock, WriterLock):
             self._write_lock.close()
         self.engine.dispose()
 
@@ -377,22 +183,22 @@ class RequestStore:
             raise ValueError(f"not columns of the requests table: {sorted(unknown)}")
         sql = self._bulk_sql(list(frame.columns), ignore_existing)
         rows = list(frame.itertuples(index=False, name=None))
-        return self._with_retries(lambda conn: _count_new(conn, sql, rows), len(rows), retries, 0.05)
+        return self._transaction_with_retries(lambda conn: _count_new(conn, sql, rows), len(rows), retries, 0.05)
 
-    def _with_retries(self, work, default_count: int, retries: int, backoff: float) -> int:
-        last: Exception | None = None
-        for attempt in range(retries + 1):
-            try:
-                with self.engine.begin() as conn:
-                    written = work(conn)
-                return written if written is not None and written >= 0 else default_count
-            except sa.exc.IntegrityError:
-                raise
-            except (sa.exc.OperationalError, sa.exc.InterfaceError, sa.exc.DatabaseError) as exc:
-                last = exc
-                if attempt < retries:
-                    time.sleep(backoff * (2**attempt))
-        raise StoreUnavailable(f"request store {describe(self.location)} unavailable: {first_line(last)}")
+    def _transaction_with_retries(self, work, default_count: int, retries: int, backoff: float) -> int:
+        """Run `work(connection)` in one transaction, retried; it returns the rows written, or None
+        (or a negative count, as drivers give when they do not know) for `default_count`."""
+        def attempt(_number: int) -> int:
+            with self.engine.begin() as conn:
+                written = work(conn)
+            return written if written is not None and written >= 0 else default_count
+
+        return self._retry(attempt, retries, backoff)
+
+    def _retry(self, attempt, retries: int, backoff: float):
+        """`common.retries.call_with_retries` with this store's backoff, doubling, and message."""
+        return call_with_retries(attempt, retries=retries, wait=tenacity.wait_exponential(multiplier=backoff),
+                                 failure=self._unavailable)
 
     def insert_rows(self, rows: Sequence[dict], *, ignore_existing: bool = False, retries: int = 3,
                     backoff: float = 0.05) -> int:
@@ -408,9 +214,11 @@ class RequestStore:
             The number of rows written (rows skipped as existing are not counted).
 
         Raises:
-            StoreUnavailable: every attempt failed; nothing was written.
+            StoreUnavailable: every attempt failed, or one failed in a way no retry cures
+                (common.retries); nothing was written.
         """
-        return self._with_retries(lambda conn: self._insert(conn, rows, ignore_existing), len(rows), retries, backoff)
+        return self._transaction_with_retries(lambda conn: self._insert(conn, rows, ignore_existing), len(rows),
+                                              retries, backoff)
 
     def insert_values(self, columns: Sequence[str], rows: Sequence[Sequence] | np.ndarray, *, retries: int = 3,
                       backoff: float = 0.05) -> int:
@@ -434,7 +242,8 @@ class RequestStore:
         Raises:
             ValueError: a name is not a column of `requests`, or a row does not have one value per column.
             sqlalchemy.exc.IntegrityError: a row breaks a constraint (e.g. a duplicate request_id).
-            StoreUnavailable: every attempt failed; nothing was written.
+            StoreUnavailable: every attempt failed, or one failed in a way no retry cures
+                (common.retries); nothing was written.
         """
         key = tuple(columns)
         if (key, 1) not in self._insert_sql:
@@ -455,10 +264,10 @@ class RequestStore:
         if len(rows) == 0:
             return 0
         dbapi = self.engine.dialect.loaded_dbapi
-        last: Exception | None = None
-        for attempt in range(retries + 1):
+
+        def attempt(_number: int) -> int:
             try:
-                conn = self._writer()
+                conn = self._writers.get()  # the pool hands connection failures on as the driver's errors
                 with self._write_lock:
                     cursor = conn.cursor()
                     try:
@@ -469,18 +278,16 @@ class RequestStore:
                     finally:
                         cursor.close()
                     conn.commit()
-                if self._checkpointer is not None:
-                    self._checkpointer.committed()
-                return len(rows)
-            except dbapi.IntegrityError as exc:
-                self._drop_writer()
-                raise sa.exc.IntegrityError(sql, None, exc) from exc
-            except (dbapi.Error, sa.exc.SQLAlchemyError, OSError) as exc:
-                last = exc
-                self._drop_writer()
-                if attempt < retries:
-                    time.sleep(backoff * (2**attempt))
-        raise StoreUnavailable(f"request store {describe(self.location)} unavailable: {first_line(last)}")
+            except BaseException as exc:
+                self._writers.drop()  # the next attempt, or write, starts on a fresh connection
+                if isinstance(exc, dbapi.Error):
+                    raise _as_sqlalchemy_error(exc, sql, dbapi) from exc
+                raise
+            if self._checkpointer is not None:
+                self._checkpointer.committed()
+            return len(rows)
+
+        return self._retry(attempt, retries, backoff)
 
     def _execute_in_chunks(self, cursor, key: tuple[str, ...], rows: list | np.ndarray) -> None:
         """Insert rows through multi-row statements, in one transaction. The chunk sizes are
@@ -510,37 +317,21 @@ class RequestStore:
             sql = self._insert_sql[(key, rows)] = self._bulk_sql(key, ignore_existing=False, rows=rows)
         return sql
 
-    def _writer(self):
-        """This thread's driver connection for `insert_values`, detached from the pool so that
-        threads never queue for it; it keeps the pragmas the pool applied when it connected."""
-        conn = getattr(self._writers, "conn", None)
-        if conn is None:
-            conn = self._detached_connection()
-            if self.dialect == "sqlite":
-                # Autocommit: a single-row insert runs as one statement instead of three (the
-                # driver's implicit BEGIN, the INSERT, COMMIT); _execute_in_chunks opens a
-                # transaction itself when it needs several statements.
-                conn.isolation_level = None
-            if self._checkpointer is not None:
-                conn.execute("PRAGMA wal_autocheckpoint=0")  # the checkpointer thread does it
-            self._writers.conn = conn
-            with self._writers_lock:
-                self._all_writers.append(conn)
-        return conn
+    def _prepare_writer(self, conn) -> None:
+        """Set up a new writer connection of `insert_values` (it has the pragmas the pool applies)."""
+        if self.dialect == "sqlite":
+            # Autocommit: a single-row insert runs as one statement instead of three (the driver's
+            # implicit BEGIN, the INSERT, COMMIT); _execute_in_chunks opens a transaction itself
+            # when it needs several statements.
+            conn.isolation_level = None
+        if self._checkpointer is not None:
+            self._checkpointer.take_over(conn)
 
     def _detached_connection(self):
         """A driver connection of its own, with the pragmas the pool applies on connect."""
         pooled = self.engine.raw_connection()
         pooled.detach()
         return pooled.dbapi_connection
-
-    def _drop_writer(self) -> None:
-        conn = getattr(self._writers, "conn", None)
-        self._writers.conn = None
-        if conn is not None:
-            _close_quietly(conn)
-            with self._writers_lock:
-                self._all_writers.remove(conn)
 
     def record_feedback(self, labels: dict[str, int], *, retries: int = 3) -> FeedbackResult:
         """Attach ground-truth labels to earlier requests, in one transaction.
@@ -549,33 +340,30 @@ class RequestStore:
             Which ids were updated and which are unknown (never silently dropped).
 
         Raises:
-            StoreUnavailable: the store could not be written after bounded retries.
+            StoreUnavailable: the store could not be written, after bounded retries where they help
+                (common.retries).
         """
         ids = list(labels)
-        last: Exception | None = None
-        for attempt in range(retries + 1):
-            try:
-                with self._write_lock, self.engine.begin() as conn:
-                    known: set[str] = set()
-                    for chunk in _chunks(ids, 500):
-                        found = conn.execute(sa.select(requests_table.c.request_id)
-                                             .where(requests_table.c.request_id.in_(chunk)))
-                        known.update(r[0] for r in found)
-                    now = time.time()
-                    updates = [{"rid": rid, "label": int(labels[rid]), "now": now} for rid in ids if rid in known]
-                    if updates:
-                        conn.execute(
-                            requests_table.update()
-                            .where(requests_table.c.request_id == sa.bindparam("rid"))
-                            .values({LABEL: sa.bindparam("label"), "label_ts": sa.bindparam("now")}),
-                            updates,
-                        )
-                return FeedbackResult([rid for rid in ids if rid in known], [rid for rid in ids if rid not in known])
-            except (sa.exc.OperationalError, sa.exc.InterfaceError) as exc:
-                last = exc
-                if attempt < retries:
-                    time.sleep(0.05 * (2**attempt))
-        raise StoreUnavailable(f"request store {describe(self.location)} unavailable: {first_line(last)}")
+
+        def attempt(_number: int) -> FeedbackResult:
+            with self._write_lock, self.engine.begin() as conn:
+                known: set[str] = set()
+                for chunk in _chunks(ids, 500):
+                    found = conn.execute(sa.select(requests_table.c.request_id)
+                                         .where(requests_table.c.request_id.in_(chunk)))
+                    known.update(r[0] for r in found)
+                now = time.time()
+                updates = [{"rid": rid, "label": int(labels[rid]), "now": now} for rid in ids if rid in known]
+                if updates:
+                    conn.execute(
+                        requests_table.update()
+                        .where(requests_table.c.request_id == sa.bindparam("rid"))
+                        .values({LABEL: sa.bindparam("label"), "label_ts": sa.bindparam("now")}),
+                        updates,
+                    )
+            return FeedbackResult([rid for rid in ids if rid in known], [rid for rid in ids if rid not in known])
+
+        return self._retry(attempt, retries, 0.05)
 
     # --- reads -----------------------------------------------------------------------------------
 
@@ -603,7 +391,7 @@ class RequestStore:
             if last_n < 1:
                 return stmt.where(sa.false()).order_by(requests_table.c.id)
             # The newest n rows are those from the n-th newest id on: one index step, where
-            # `id IN (newest n ids)` would build a temporary set of n ids (twice as slow at 1M rows).
+            # `id IN (newest n ids)` would build a temporary set of n ids (docs/decisions/013-drift-window-reads.md).
             nth_newest = (sa.select(requests_table.c.id).order_by(requests_table.c.id.desc())
                           .limit(1).offset(last_n - 1))
             if since_ts is not None:
@@ -725,10 +513,10 @@ class RequestStore:
 def _read_sqlite_arrow(path: str, sql: str, width: int, expected: int, dtype: type) -> np.ndarray | None:
     """Run a numeric query through the ADBC SQLite driver into a (width, rows) array.
 
-    Arrow batches are built in C, so a million rows cost about a third of the CPU of Python's
-    sqlite3 tuples. Returns None when the driver cannot type a column (it infers types from the
-    first rows, so e.g. a column that starts with NULLs and later holds numbers), and the caller
-    reads through the DB-API cursor instead.
+    Arrow batches are built in C, at a fraction of the CPU of Python's sqlite3 tuples
+    (docs/decisions/013-drift-window-reads.md). Returns None when the driver cannot type a column
+    (it infers types from the first rows, so e.g. a column that starts with NULLs and later holds
+    numbers), and the caller reads through the DB-API cursor instead.
     """
     import adbc_driver_sqlite.dbapi as adbc_sqlite
     import pyarrow as pa
@@ -774,6 +562,20 @@ def _fill_columns(cursor, width: int, expected: int, dtype: type, chunk_rows: in
     return out[:, :filled]
 
 
+def _as_sqlalchemy_error(exc: Exception, statement: str, dbapi) -> sa.exc.DBAPIError:
+    """The SQLAlchemy error of a driver's error, as the engine would raise it.
+
+    `insert_values` talks to the driver directly; its callers and the retry policy
+    (common.retries.RETRYABLE) then see the same classes as for any other statement. The driver's
+    classes are those of PEP 249, which SQLAlchemy's mirror by name.
+    """
+    for kind in ("IntegrityError", "OperationalError", "InterfaceError", "ProgrammingError", "DataError",
+                 "InternalError", "NotSupportedError", "DatabaseError"):  # DatabaseError, their base, last
+        if isinstance(exc, getattr(dbapi, kind)):
+            return getattr(sa.exc, kind)(statement, None, exc)
+    return sa.exc.DBAPIError(statement, None, exc)
+
+
 def _count_new(conn: sa.Connection, sql: str, rows: list[tuple]) -> int:
     before = conn.execute(sa.select(sa.func.count()).select_from(requests_table)).scalar_one()
     conn.exec_driver_sql(sql, rows)
@@ -795,15 +597,6 @@ def _chunk_sizes(n: int, most: int) -> Iterator[int]:
             yield bit
             rest ^= bit
         bit >>= 1
-
-
-def _close_quietly(conn) -> None:
-    """Roll back and close a driver connection that may already be broken."""
-    for step in (conn.rollback, conn.close):
-        try:
-            step()
-        except Exception:  # noqa: S112 - a broken connection may fail either step; it is dropped anyway
-            continue
 
 
 def _chunks(items: list, size: int) -> Iterator[list]:

@@ -17,11 +17,11 @@ import threading
 import time
 
 import numpy as np
-import sqlalchemy as sa
+import tenacity
 
+from common.retries import call_with_retries
 from common.schema import FEATURES
 from common.store import FeedbackResult, RequestStore, StoreUnavailable, describe
-from common.text import first_line
 from service.parsing import Batch
 from service.scoring import Predictions
 
@@ -84,16 +84,10 @@ class RequestLog:
             return self._store
 
     def _open(self) -> RequestStore:
-        last: Exception | None = None
-        for attempt in range(3):
-            try:
-                return RequestStore(self.location)
-            except sa.exc.SQLAlchemyError as exc:
-                # Several workers may create the table at the same moment; one wins, the others retry.
-                last = exc
-                time.sleep(0.05 * (attempt + 1))
-        raise StoreUnavailable(f"request log {describe(self.location)} cannot be opened: "
-                               f"{first_line(last)}")
+        # Three attempts, 50 then 100 ms apart: a database that is starting or busy may take the next.
+        return call_with_retries(lambda _number: RequestStore(self.location), retries=2,
+                                 wait=tenacity.wait_incrementing(start=0.05, increment=0.05),
+                                 failure=f"request log {describe(self.location)} cannot be opened")
 
     def record(self, request_id: str, batch: Batch, predictions: Predictions, ts: float | None = None) -> list[str]:
         """Commit one row per scored row and return their ids.
@@ -138,9 +132,9 @@ class RequestLog:
 
 def _values(ids: list[str], ts: float, batch: Batch, predictions: Predictions) -> list[tuple] | np.ndarray:
     """The COLUMNS values of each row: one tuple for the common single row, else an object array
-    filled column by column. For 1,000 rows that takes about half the time of a tuple per row, and
-    the store hands each multi-row statement its values with one `ravel().tolist()` instead of
-    chaining the tuples."""
+    filled column by column, which is quicker to build than a tuple per row, and from which the
+    store hands each multi-row statement its values with one `ravel().tolist()` instead of chaining
+    the tuples (docs/decisions/008-multi-row-insert-statements.md)."""
     threshold, name, version = predictions.threshold, predictions.model_name, predictions.model_version
     if len(ids) == 1:
         amount = None if batch.amount is None or np.isnan(batch.amount[0]) else float(batch.amount[0])

@@ -210,11 +210,11 @@ def test_a_batch_is_one_transaction_across_statements_and_a_ragged_row_is_refuse
 
 
 def test_the_wal_is_checkpointed_by_a_background_thread_and_stays_bounded(tmp_path, monkeypatch):
-    import common.store as store_module
+    import common.sqlite_writer
     from service.request_log import COLUMNS
 
-    monkeypatch.setattr(store_module, "CHECKPOINT_INTERVAL_SECONDS", 0.01)
-    monkeypatch.setattr(store_module, "WAL_RESET_BYTES", 256 * 1024)
+    monkeypatch.setattr(common.sqlite_writer, "CHECKPOINT_INTERVAL_SECONDS", 0.01)
+    monkeypatch.setattr(common.sqlite_writer, "WAL_RESET_BYTES", 256 * 1024)
     path = tmp_path / "requests.db"
     store = RequestStore(str(path))
     wal = tmp_path / "requests.db-wal"
@@ -232,7 +232,7 @@ def test_the_wal_is_checkpointed_by_a_background_thread_and_stays_bounded(tmp_pa
     # (about three 4 KiB pages each) would leave a WAL of about 75 MB. With it, the file restarts
     # after each locked checkpoint; what it reaches in between depends on how many commits this
     # loop makes between two wake-ups of the thread (up to 10-20 MB seen here).
-    assert store._writers.conn.execute("PRAGMA wal_autocheckpoint").fetchone()[0] == 0
+    assert store._writers.get().execute("PRAGMA wal_autocheckpoint").fetchone()[0] == 0
     assert largest < 25 * 1024**2, largest
     checkpointer = store._checkpointer
     assert checkpointer.checkpoints > 0 and checkpointer.resets > 0

@@ -1,0 +1,170 @@
+"""The request store's writes under trouble, on real SQLite and PostgreSQL: retried like every store
+operation (common.retries), and a table that another process creates at the same moment."""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+import time
+from collections.abc import Callable
+
+import pytest
+import sqlalchemy as sa
+from sqlalchemy.schema import CreateIndex, CreateTable
+
+import common.sqlite_writer
+from common.schema import FEATURES
+from common.store import RequestStore, StoreUnavailable, describe, requests_table
+
+COLUMNS = ("request_id", "ts", *FEATURES)
+ROW = (0.0, *[0.5] * len(FEATURES))
+
+
+@pytest.fixture
+def short_busy_timeout(monkeypatch):
+    """SQLite connections give up on a file another program holds after 50 ms, not 5 s."""
+    monkeypatch.setattr(common.sqlite_writer, "SQLITE_BUSY_TIMEOUT_MS", 50)
+
+
+def _hold_write_lock(path) -> sqlite3.Connection:
+    """Another program's connection in the middle of a write transaction on the file."""
+    holder = sqlite3.connect(path, isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")
+    return holder
+
+
+def _count_events(engine: sa.Engine, name: str) -> list[int]:
+    seen = [0]
+
+    def count(*_args) -> None:
+        seen[0] += 1
+
+    sa.event.listen(engine, name, count)
+    return seen
+
+
+@pytest.mark.usefixtures("short_busy_timeout")
+def test_a_locked_file_fails_the_raw_writer_like_any_write_retried_on_fresh_connections(tmp_path):
+    path = tmp_path / "requests.db"
+    store = RequestStore(str(path))
+    checkouts = _count_events(store.engine, "checkout")  # each attempt after a failure takes a new writer
+    holder = _hold_write_lock(path)
+    try:
+        with pytest.raises(StoreUnavailable) as failed:
+            store.insert_values(COLUMNS, [("a-0", *ROW)], retries=2, backoff=0.01)
+        assert str(failed.value) == f"request store {describe(str(path))} unavailable: database is locked"
+        assert checkouts[0] == 3
+    finally:
+        holder.rollback()
+        holder.close()
+    assert store.insert_values(COLUMNS, [("a-0", *ROW)]) == 1
+    assert store.count() == 1
+    store.dispose()
+
+
+def test_a_writer_that_cannot_connect_is_retried_then_unavailable_not_a_driver_error():
+    # Nothing listens on port 1: the server is down, and the pool raises the driver's own error.
+    location = "postgresql://postgres@127.0.0.1:1/requests"
+    store = RequestStore(location, create=False)
+    with pytest.raises(StoreUnavailable, match=r"^request store postgresql\+psycopg://postgres@127\.0\.0\.1:1/requests "
+                                               r"unavailable: connection failed"):
+        store.insert_values(COLUMNS, [("a-0", *ROW)], retries=2, backoff=0.01)
+    store.dispose()
+
+
+@pytest.mark.usefixtures("short_busy_timeout")
+@pytest.mark.parametrize("write", [
+    lambda store: store.insert_rows([dict(zip(COLUMNS, ("b-0", *ROW), strict=True))], retries=2, backoff=0.01),
+    lambda store: store.record_feedback({"a-0": 1}, retries=2),
+], ids=["insert_rows", "record_feedback"])
+def test_pooled_writes_retry_a_locked_file_then_are_unavailable(tmp_path, write: Callable[[RequestStore], object]):
+    path = tmp_path / "requests.db"
+    store = RequestStore(str(path))
+    store.insert_values(COLUMNS, [("a-0", *ROW)])
+    transactions = _count_events(store.engine, "begin")
+    holder = _hold_write_lock(path)
+    try:
+        with pytest.raises(StoreUnavailable, match=r"^request store .* unavailable: database is locked$"):
+            write(store)
+        assert transactions[0] == 3
+    finally:
+        holder.rollback()
+        holder.close()
+    write(store)
+    store.dispose()
+
+
+def _create_while_another_process_creates(url: str, hold: Callable[[list[str]], Callable[[], None]]) -> None:
+    """Open a RequestStore on `url` while another connection has created the table in a transaction
+    it has not committed yet; that one commits once this store's CREATE TABLE is on its way."""
+    statements: list[str] = []
+
+    def seen(_conn, _cursor, statement, *_args) -> None:
+        statements.append(statement)
+
+    commit = hold(statements)
+    outcome: list[BaseException | RequestStore] = []
+
+    def open_store() -> None:
+        try:
+            outcome.append(RequestStore(url))
+        except BaseException as exc:
+            outcome.append(exc)
+
+    sa.event.listen(sa.Engine, "before_cursor_execute", seen)
+    try:
+        opener = threading.Thread(target=open_store)
+        opener.start()
+        deadline = time.monotonic() + 10
+        while not any("CREATE TABLE requests" in s for s in statements) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert any("CREATE TABLE requests" in s for s in statements), "the store never tried to create the table"
+        time.sleep(0.2)  # the CREATE reaches the database and waits for the other transaction
+        commit()
+        opener.join(15)
+    finally:
+        sa.event.remove(sa.Engine, "before_cursor_execute", seen)
+    assert len(outcome) == 1
+    store = outcome[0]
+    assert isinstance(store, RequestStore), f"{type(store).__name__}: {store}"
+    assert store.has_table() and store.count() == 0
+    store.dispose()
+
+
+def _schema_ddl(dialect: sa.Dialect) -> list[str]:
+    return [str(CreateTable(requests_table).compile(dialect=dialect)),
+            *(str(CreateIndex(index).compile(dialect=dialect)) for index in requests_table.indexes)]
+
+
+def test_a_sqlite_table_created_meanwhile_by_another_process_is_taken_as_created(tmp_path):
+    path = tmp_path / "requests.db"
+    holder = sqlite3.connect(path, isolation_level=None)
+    holder.execute("PRAGMA journal_mode=WAL")
+
+    def hold(_statements: list[str]) -> Callable[[], None]:
+        holder.execute("BEGIN IMMEDIATE")
+        for ddl in _schema_ddl(sa.dialects.sqlite.dialect()):
+            holder.execute(ddl)
+        return lambda: holder.execute("COMMIT")
+
+    try:
+        _create_while_another_process_creates(str(path), hold)
+    finally:
+        holder.close()
+
+
+@pytest.mark.postgres
+def test_a_postgresql_table_created_meanwhile_by_another_process_is_taken_as_created(postgres_url):
+    import psycopg
+
+    holder = psycopg.connect(postgres_url)
+
+    def hold(_statements: list[str]) -> Callable[[], None]:
+        for ddl in _schema_ddl(sa.dialects.postgresql.dialect()):
+            holder.execute(ddl)
+        return holder.commit
+
+    try:
+        _create_while_another_process_creates(postgres_url, hold)
+    finally:
+        holder.close()
