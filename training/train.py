@@ -12,7 +12,7 @@
    is chosen on the out-of-bag predictions of the training rows: each row is scored only by the
    trees that did not see it, so no row used to fit a tree chooses its own threshold, and the
    evaluation set stays untouched until the final measurement.
-4. Evaluate on the held-out set (`training.evaluate.evaluate_scores`), export ONNX and check its
+4. Evaluate on the held-out set (`common.evaluation.evaluate_scores`), export ONNX and check its
    parity with scikit-learn, write plots, the evaluation JSON and the data the promotion gate and
    drift monitor need (`data/evaluation.parquet`, `data/training_features.parquet`).
 5. Register a new version of MODEL_NAME in stage Staging with alias `challenger`, tagged with its
@@ -42,6 +42,7 @@ import numpy as np
 import pandas as pd
 from sklearn.metrics import average_precision_score
 
+from common import evaluation as ev
 from common import registry, settings
 from common.model import (
     ONNX_ARTIFACT,
@@ -55,7 +56,6 @@ from common.paths import REPO_ROOT
 from common.schema import FEATURES, LABEL
 from common.store import RequestStore, StoreUnavailable, describe
 from common.text import first_line
-from training import evaluate as ev
 
 SPLITS = ("time", "stratified")
 CLASS_WEIGHTS = ("none", "balanced", "balanced_subsample")
