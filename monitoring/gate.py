@@ -64,7 +64,7 @@ EXIT_USAGE = 2
 EXIT_REFUSED = 3
 
 REASONS = ("scheduled", "manual")
-EVALUATION_ARTIFACT = "data/evaluation.parquet"  # written by training.train (EVALUATION_ARTIFACT)
+EVALUATION_ARTIFACT = "data/evaluation.parquet"  # written by training.registration (EVALUATION_ARTIFACT)
 RESULT_FILE = "promotion_result.json"
 COMPARED = ("average_precision", "recall")
 
