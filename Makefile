@@ -37,7 +37,7 @@ data/reference_data.db: | data/creditcard.csv $(STAMP)
 data: data/reference_data.db
 
 model: data $(STAMP)
-	$(PY) -m training.bootstrap
+	$(PY) -m monitoring.bootstrap
 
 run: model
 	$(PY) -m service.launch

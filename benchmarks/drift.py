@@ -59,7 +59,8 @@ def build_inputs(rows: int, rebuild: bool = False) -> dict[str, Path]:
     """The request log, reference database and reference file (built when missing)."""
     from common.features import AmountScaler
     from monitoring.reference import write_reference_file
-    from training.generate import drift_batch, generate_frame
+    from training import scenarios
+    from training.generate import generate_frame
 
     CACHE.mkdir(parents=True, exist_ok=True)
     log_db, ref_db, ref_file = CACHE / f"requests_{rows}.db", CACHE / "reference.db", CACHE / "reference.parquet"
@@ -88,7 +89,7 @@ def build_inputs(rows: int, rebuild: bool = False) -> dict[str, Path]:
         chunk = 100_000
         for start in range(0, rows, chunk):
             n = min(chunk, rows - start)
-            frame = drift_batch(n, 1, 100 + start // chunk, scaler)
+            frame = scenarios.inputs(scenarios.named("covariate", seed=100 + start // chunk), 1, scaler, n)
             features = frame[list(FEATURES)].to_numpy(np.float64).tolist()
             scores = rng.beta(0.3, 18, n).tolist()
             yield [(f"req-{start + i}", now + start + i, *feats, score, int(score >= 0.5), 0.5, "fraud-detector",

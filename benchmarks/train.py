@@ -1,7 +1,7 @@
 """`python -m benchmarks train`: full-size training end to end (`mlflow run . -e train`) vs a bare fit.
 
 Both use the same 284,807 generated rows (seed 0) and the default `TrainParams`. The bare fit is
-`RandomForestClassifier(**TrainParams().forest_kwargs()).fit` on exactly the training rows the
+`RandomForestClassifier(**forest_kwargs(TrainParams())).fit` on exactly the training rows the
 pipeline fits (the time split's first 80 %), timed around `fit` in a fresh interpreter. The
 end-to-end figure is the wall time of `mlflow run . -e train --env-manager local` against a fresh
 SQLite store whose tables already exist: process start-up, loading, fitting, threshold,
@@ -76,14 +76,15 @@ def _bare_fit(db: Path) -> dict:
     """Fit the default forest on the pipeline's training rows; wall and CPU seconds of fit() alone."""
     from sklearn.ensemble import RandomForestClassifier
 
-    from common.schema import FEATURES, LABEL
-    from training.train import TrainParams, load_labelled, split_rows
+    from training.data import load_labelled, split_rows
+    from training.forest import forest_kwargs
+    from training.params import TrainParams
 
     params = TrainParams()
     data = load_labelled(str(db), None)
-    train_pos, _ = split_rows(data.frame, params.split, params.test_fraction, params.seed)
-    X, y = data.frame.loc[train_pos, list(FEATURES)], data.frame[LABEL].to_numpy()[train_pos]
-    model = RandomForestClassifier(**params.forest_kwargs())
+    train_pos = split_rows(data.frame, params.split, params.test_fraction, params.seed).train
+    X, y = data.features(train_pos), data.labels(train_pos)
+    model = RandomForestClassifier(**forest_kwargs(params))
     wall, cpu = time.perf_counter(), time.process_time()
     model.fit(X, y)
     return {"wall": time.perf_counter() - wall, "cpu": time.process_time() - cpu, "rows": len(train_pos),

@@ -7,6 +7,7 @@ Production <-> `champion`, Staging <-> `challenger`, and the version Production 
 
 from __future__ import annotations
 
+import os
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -44,6 +45,38 @@ def configure_tracking(uri: str | None = None) -> str:
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
     return uri
+
+
+@contextmanager
+def use_tracking(uri: str) -> Iterator[str]:
+    """Point MLflow's fluent API (tracking and registry) at `uri` for the block; then give the
+    caller back the URIs MLflow resolved before and the MLFLOW_TRACKING_URI / MLFLOW_REGISTRY_URI
+    environment it had."""
+    saved_env = {key: os.environ.get(key) for key in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
+    saved_tracking, saved_registry = mlflow.get_tracking_uri(), mlflow.get_registry_uri()
+    configure_tracking(uri)
+    try:
+        yield uri
+    finally:
+        # None unsets a URI set in code (MLflow's own code restores an unset URI so); then the
+        # environment decides, as it did before. Only a URI the caller had set in code, different
+        # from its environment, is set again.
+        mlflow.set_tracking_uri(None)
+        mlflow.set_registry_uri(None)
+        _restore_environment(saved_env)
+        if mlflow.get_tracking_uri() != saved_tracking:
+            mlflow.set_tracking_uri(saved_tracking)
+        if mlflow.get_registry_uri() != saved_registry:
+            mlflow.set_registry_uri(saved_registry)
+        _restore_environment(saved_env)  # setting a URI also exports it
+
+
+def _restore_environment(saved: dict[str, str | None]) -> None:
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
 
 
 def client(uri: str | None = None) -> MlflowClient:

@@ -10,7 +10,7 @@ The candidate (default: the newest Staging version, alias `challenger`) is promo
 (b) quality: on the candidate's evaluation rows (its run's `data/evaluation.parquet`: labelled rows
     held out from its training), its `average_precision` and its recall at its own operating
     threshold are each at most the configured margin below the Production model's on the same rows
-    (both measured by `training.evaluate.evaluate_scores`, the function training uses);
+    (both measured by `common.evaluation.evaluate_scores`, the function training uses);
 (c) integrity: the candidate loads as the service would load it, its input signature is the 29
     FEATURES, and its ONNX artifact agrees with its scikit-learn model on the evaluation rows within
     `common.model.PARITY_TOLERANCE`.
@@ -64,7 +64,7 @@ EXIT_USAGE = 2
 EXIT_REFUSED = 3
 
 REASONS = ("scheduled", "manual")
-EVALUATION_ARTIFACT = "data/evaluation.parquet"  # written by training.train (EVALUATION_ARTIFACT)
+EVALUATION_ARTIFACT = "data/evaluation.parquet"  # written by training.registration (EVALUATION_ARTIFACT)
 RESULT_FILE = "promotion_result.json"
 COMPARED = ("average_precision", "recall")
 
@@ -249,7 +249,7 @@ def integrity(mlflow_client, name: str, version: str, rows: np.ndarray | None):
 
 
 def _metrics(bundle, rows: np.ndarray, labels: np.ndarray) -> dict[str, float]:
-    from training.evaluate import evaluate_scores
+    from common.evaluation import evaluate_scores
 
     return evaluate_scores(labels, bundle.predict_proba(rows), bundle.threshold)
 

@@ -26,20 +26,20 @@ import argparse
 import math
 import sys
 import time
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
-import pandas as pd
 
+from common import evaluation as ev
 from common import settings
 from common.features import AmountScaler
 from common.schema import FEATURES, LABEL, SCORE
 from monitoring.detector import KSDrift, decide
 from monitoring.drift import DriftConfig
-from training import evaluate as ev
 from training import scenarios
+from training.forest import fit_forest
+from training.params import TrainParams
 
 ORIGINAL_P = 0.01  # the original service: drift when any feature's p-value is below this, uncorrected
 # The model's strongest fraud features; a shift up moves frauds toward legitimate traffic (their fraud
@@ -109,20 +109,6 @@ class PowerResult:
         return row.delta("recall") < -self.max_recall_drop
 
 
-def _forest(X: pd.DataFrame, y: np.ndarray, trees: int, seed: int):
-    """The default training forest (TrainParams), with its out-of-bag fraud probabilities."""
-    from sklearn.ensemble import RandomForestClassifier
-
-    from training.train import TrainParams
-
-    kwargs = {**TrainParams(seed=seed).forest_kwargs(), "n_estimators": trees, "oob_score": True}
-    with warnings.catch_warnings():
-        # A row in every tree's sample has no out-of-bag estimate; scikit-learn warns and gives NaN.
-        warnings.filterwarnings("ignore", message=".*out-of-bag.*", category=UserWarning)
-        model = RandomForestClassifier(**kwargs).fit(X, y)
-    return model, model.oob_decision_function_[:, 1]
-
-
 def measure(windows: int = 30, rows: int = 10_000, reference_rows: int = 50_000, train_rows: int = 200_000,
             trees: int = 100, changes: Sequence[Change] = CHANGES, seed: int = 0, config: DriftConfig | None = None,
             reference_scores: str = "oob", max_recall_drop: float | None = None) -> PowerResult:
@@ -152,7 +138,8 @@ def measure(windows: int = 30, rows: int = 10_000, reference_rows: int = 50_000,
     scaler = AmountScaler.fit(training["Amount"].to_numpy())
     X = scenarios.model_inputs(training, scaler)
     y = X.pop(LABEL).to_numpy()
-    model, oob = _forest(X, y, trees, seed)
+    fitted = fit_forest(X, y, TrainParams(n_estimators=trees, seed=seed), say=lambda _line: None)
+    model, oob = fitted.model, fitted.oob_proba
     threshold = ev.choose_threshold(y, oob, "f1").threshold
     sample = np.random.default_rng(seed).choice(len(X), size=min(reference_rows, len(X)), replace=False)
     reference = X.iloc[np.sort(sample)]

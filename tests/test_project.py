@@ -1,12 +1,15 @@
-"""Promises the repository makes to a newcomer: pins agree, runtime data stays out of git, and the
-MLproject entry points run as documented."""
+"""Promises the repository makes to a newcomer: pins agree, runtime data stays out of git, the
+MLproject entry points run as documented, and the packages depend on each other in one direction."""
 
 from __future__ import annotations
 
+import ast
+import functools
 import os
 import re
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -106,3 +109,111 @@ def test_mlproject_train_defaults_are_the_training_defaults():
     assert declared == defaults
     for name in defaults:
         assert f"--{name} {{{name}}}" in " ".join(entry["command"].split())
+
+
+# --- imports ------------------------------------------------------------------------------------------
+
+PACKAGES = ("common", "service", "training", "monitoring", "benchmarks")
+# A test module or a conftest imported by its bare name (pytest puts test folders on sys.path).
+TEST_MODULE_NAME = re.compile(r"conftest|test_\w*|\w*_test")
+
+
+@dataclass(frozen=True)
+class Import:
+    file: str  # relative to the repository, with forward slashes
+    line: int
+    statement: str
+    targets: tuple[str, ...]  # the module it names and, for `from m import a`, also m.a (a may be a module)
+
+    def __str__(self) -> str:
+        return f"{self.file}:{self.line}: {self.statement}"
+
+
+def _python_files() -> list[Path]:
+    found = []
+    for root, dirs, files in os.walk(REPO_ROOT):  # symlinks (.venv, node_modules) are not followed
+        dirs[:] = sorted(d for d in dirs if not d.startswith(".") and d not in ("node_modules", "__pycache__"))
+        found += [Path(root) / name for name in sorted(files) if name.endswith(".py")]
+    return found
+
+
+@functools.cache
+def _imports() -> tuple[Import, ...]:
+    """Every import statement of every .py file, lazy ones inside functions included."""
+    found = []
+    for path in _python_files():
+        relative = path.relative_to(REPO_ROOT)
+        package = list(relative.parts[:-1])
+        for node in ast.walk(ast.parse(path.read_text(), filename=str(relative))):
+            if isinstance(node, ast.Import):
+                targets = tuple(alias.name for alias in node.names)
+            elif isinstance(node, ast.ImportFrom):
+                base = package[:len(package) - node.level + 1] if node.level else []
+                module = ".".join([*base, *(node.module.split(".") if node.module else [])])
+                targets = (module, *(f"{module}.{alias.name}" for alias in node.names))
+            else:
+                continue
+            found.append(Import(relative.as_posix(), node.lineno, ast.unparse(node), targets))
+    assert any(i.file == "training/train.py" for i in found), "the import scan found none of training/train.py"
+    return tuple(found)
+
+
+def _route(edges: dict[tuple[str, str], list[Import]], start: str, goal: str) -> list[str] | None:
+    """The shortest chain of package imports from `start` to `goal`, or None."""
+    paths, seen = [[start]], {start}
+    while paths:
+        path = paths.pop(0)
+        if path[-1] == goal:
+            return path
+        for source, target in sorted(edges):
+            if source == path[-1] and target not in seen:
+                seen.add(target)
+                paths.append([*path, target])
+    return None
+
+
+def test_packages_import_each_other_in_one_direction_and_common_imports_none():
+    edges: dict[tuple[str, str], list[Import]] = {}
+    for imp in _imports():
+        source = imp.file.split("/")[0]
+        if source in PACKAGES:
+            for target in sorted({t.split(".")[0] for t in imp.targets} & set(PACKAGES) - {source}):
+                edges.setdefault((source, target), []).append(imp)
+    problems = [f"{imp} (common must import none of {', '.join(PACKAGES[1:])})"
+                for (source, _), imports in sorted(edges.items()) if source == "common" for imp in imports]
+    # Among the others; an import of common's is reported above and would only repeat it here.
+    others = {edge: imports for edge, imports in edges.items() if edge[0] != "common"}
+    cycles: set[frozenset] = set()
+    for source, target in sorted(others):
+        back = _route(others, target, source)
+        if back is None:
+            continue
+        steps = list(zip([source, *back], back, strict=False))
+        if frozenset(steps) in cycles:
+            continue
+        cycles.add(frozenset(steps))
+        # Listed from the step with the fewest imports: the likeliest to be the one in the wrong direction.
+        first = min(range(len(steps)), key=lambda i: len(others[steps[i]]))
+        steps = steps[first:] + steps[:first]
+        problems.append(f"import cycle {' -> '.join([steps[0][0], *(b for _, b in steps)])}:")
+        problems += [f"  {a} -> {b}: {imp}" for a, b in steps for imp in others[(a, b)]]
+    assert problems == [], "imports between packages must go one way:\n" + "\n".join(problems)
+
+
+def test_no_module_outside_tests_imports_tests():
+    problems = [str(imp) for imp in _imports()
+                if not imp.file.startswith("tests/") and any(t.split(".")[0] == "tests" for t in imp.targets)]
+    assert problems == [], "product and benchmark modules must not import tests:\n" + "\n".join(problems)
+
+
+def test_tests_import_no_other_test_module_or_conftest_only_helpers():
+    def is_test_module(target: str) -> bool:
+        parts = target.split(".")
+        if parts[0] == "tests":
+            return len(parts) > 1 and parts[1] != "helpers"
+        return TEST_MODULE_NAME.fullmatch(parts[0]) is not None
+
+    problems = [str(imp) for imp in _imports()
+                if imp.file.startswith("tests/") and any(is_test_module(t) for t in imp.targets)]
+    assert problems == [], ("tests share code through fixtures or tests/helpers, never by importing a test module "
+                            "or a conftest:\n" + "\n".join(problems))

@@ -8,7 +8,7 @@ import pytest
 
 from common.schema import FEATURES
 from monitoring import gate, reference
-from training import train
+from training import registration
 
 
 def _frame(drift_world, rows=500, seed=0):
@@ -16,8 +16,8 @@ def _frame(drift_world, rows=500, seed=0):
 
 
 def test_artifact_names_match_what_training_logs():
-    assert reference.TRAINING_FEATURES_ARTIFACT == train.TRAINING_FEATURES_ARTIFACT
-    assert gate.EVALUATION_ARTIFACT == train.EVALUATION_ARTIFACT
+    assert reference.TRAINING_FEATURES_ARTIFACT == registration.TRAINING_FEATURES_ARTIFACT
+    assert gate.EVALUATION_ARTIFACT == registration.EVALUATION_ARTIFACT
 
 
 def test_written_reference_reads_back_with_scores_and_metadata(drift_world, tmp_path):

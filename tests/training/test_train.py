@@ -15,6 +15,7 @@ import pandas as pd
 import pytest
 
 from common import registry
+from common.evaluation import evaluate_scores
 from common.features import load_feature_config
 from common.model import ONNX_ARTIFACT, OnnxParityError, load_bundle
 from common.paths import REPO_ROOT
@@ -22,9 +23,11 @@ from common.schema import FEATURES, LABEL
 from common.store import RequestStore
 from training import scenarios
 from training import train as tr
-from training.evaluate import METRIC_NAMES, evaluate_scores
+from training.data import split_rows
+from training.forest import fit_forest
 from training.generate import generate_frame
 from training.plots import PLOT_FILES
+from training.registration import EVALUATION_ARTIFACT, EVALUATION_JSON, TRAINING_FEATURES_ARTIFACT
 
 STABLE_METRICS = {
     "average_precision", "roc_auc", "precision", "recall", "f1", "tp", "fp", "tn", "fn", "recall_at_precision_90",
@@ -67,12 +70,12 @@ def test_run_logs_params_metrics_and_every_artifact(trained_model):
     assert run.data.tags["git_commit"]
     assert run.data.tags["data_sha256"] == params["data_sha256"]
     artifacts = _artifact_paths(client, run.info.run_id)
-    expected = {ONNX_ARTIFACT, tr.EVALUATION_JSON, tr.EVALUATION_ARTIFACT, tr.TRAINING_FEATURES_ARTIFACT,
+    expected = {ONNX_ARTIFACT, EVALUATION_JSON, EVALUATION_ARTIFACT, TRAINING_FEATURES_ARTIFACT,
                 *(f"plots/{name}" for name in PLOT_FILES)}
     assert expected <= artifacts
     local = Path(client.download_artifacts(run.info.run_id, "plots"))
     assert all((local / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for name in PLOT_FILES)
-    report = json.loads(Path(client.download_artifacts(run.info.run_id, tr.EVALUATION_JSON)).read_text())
+    report = json.loads(Path(client.download_artifacts(run.info.run_id, EVALUATION_JSON)).read_text())
     assert report["threshold"]["threshold"] == trained_model.threshold
     assert report["split"]["method"] == "time"
 
@@ -106,7 +109,7 @@ def test_loaded_model_predicts_and_separates_the_classes(trained_model):
     bundle = load_bundle(client, trained_model.name, trained_model.version)
     assert bundle.flavor == "onnx"
     assert bundle.threshold == trained_model.threshold
-    evaluation = pd.read_parquet(client.download_artifacts(trained_model.run_id, tr.EVALUATION_ARTIFACT))
+    evaluation = pd.read_parquet(client.download_artifacts(trained_model.run_id, EVALUATION_ARTIFACT))
     p = bundle.predict_proba(evaluation[list(FEATURES)].to_numpy())
     assert p.shape == (len(evaluation),) and ((p >= 0) & (p <= 1)).all()
     metrics = evaluate_scores(evaluation[LABEL].to_numpy(), p, bundle.threshold)
@@ -119,8 +122,8 @@ def test_loaded_model_predicts_and_separates_the_classes(trained_model):
 
 def test_evaluation_set_is_the_latest_rows_and_training_sample_has_the_features(trained_model):
     client = trained_model.store.client()
-    evaluation = pd.read_parquet(client.download_artifacts(trained_model.run_id, tr.EVALUATION_ARTIFACT))
-    training = pd.read_parquet(client.download_artifacts(trained_model.run_id, tr.TRAINING_FEATURES_ARTIFACT))
+    evaluation = pd.read_parquet(client.download_artifacts(trained_model.run_id, EVALUATION_ARTIFACT))
+    training = pd.read_parquet(client.download_artifacts(trained_model.run_id, TRAINING_FEATURES_ARTIFACT))
     reference = RequestStore(str(trained_model.data.db), create=False).read_frame(("ts",))
     cutoff = np.sort(reference["ts"].to_numpy())[-len(evaluation)]
     assert evaluation["ts"].min() >= cutoff
@@ -181,7 +184,7 @@ def test_request_log_rows_with_feedback_are_used_and_unlabelled_ones_excluded(tm
     assert metrics["excluded_unlabelled_rows"] == 250
     assert metrics["train_rows"] + metrics["eval_rows"] == reference_data.rows + 400
     client = trained.store.client()
-    evaluation = pd.read_parquet(client.download_artifacts(trained.run_id, tr.EVALUATION_ARTIFACT))
+    evaluation = pd.read_parquet(client.download_artifacts(trained.run_id, EVALUATION_ARTIFACT))
     # Time order: the request log is newer than the reference data, so it is evaluated on, last.
     from_log = evaluation[evaluation["source"] == "requests"]
     assert len(from_log) == 400
@@ -250,6 +253,17 @@ def test_cli_rejects_a_missing_reference_database(tmp_path, make_mlflow_store, u
     assert not (tmp_path / "absent.db").exists()
 
 
+def test_cli_takes_every_parameter_with_underscores_and_with_dashes():
+    # MLproject passes --n_estimators; people type --n-estimators. Both must reach TrainParams.
+    samples = {"int": "7", "float": "0.25", "str": "sqrt"}
+    for field in dataclasses.fields(tr.TrainParams):
+        flags = {f"--{field.name}", f"--{field.name.replace('_', '-')}"}
+        for flag in flags:
+            parsed = vars(tr.build_parser().parse_args([flag, samples[field.type]]))
+            assert parsed[field.name] == type(getattr(tr.TrainParams(), field.name))(samples[field.type]), flag
+    assert tr.TrainParams(**vars(tr.build_parser().parse_args([]))) == tr.TrainParams()
+
+
 def test_onnx_disagreement_fails_the_run_and_registers_nothing(make_mlflow_store, train_tiny_model, monkeypatch):
     import common.model
 
@@ -280,11 +294,11 @@ def test_invalid_parameters_are_rejected_before_reading_data(field, value, messa
 
 def test_time_split_evaluates_on_the_latest_rows_and_stratified_keeps_the_fraud_rate():
     frame = pd.DataFrame({LABEL: np.r_[np.zeros(950, dtype=int), np.ones(50, dtype=int)], "ts": np.arange(1000.0)})
-    train, evaluation = tr.split_rows(frame, "time", 0.2, seed=0)
-    assert len(evaluation) == 200 and train.max() < evaluation.min()
-    train, evaluation = tr.split_rows(frame, "stratified", 0.2, seed=0)
-    assert len(evaluation) == 200 and not set(train) & set(evaluation)
-    assert frame[LABEL].to_numpy()[evaluation].sum() == 10
+    split = split_rows(frame, "time", 0.2, seed=0)
+    assert len(split.evaluation) == 200 and split.train.max() < split.evaluation.min()
+    split = split_rows(frame, "stratified", 0.2, seed=0)
+    assert len(split.evaluation) == 200 and not set(split.train) & set(split.evaluation)
+    assert frame[LABEL].to_numpy()[split.evaluation].sum() == 10
 
 
 def test_stratified_split_trains_and_is_logged(make_mlflow_store, train_tiny_model):
@@ -292,11 +306,6 @@ def test_stratified_split_trains_and_is_logged(make_mlflow_store, train_tiny_mod
     run = trained.store.client().get_run(trained.run_id)
     assert run.data.params["split"] == "stratified"
     assert run.data.metrics["eval_frauds"] >= 5
-
-
-def test_metric_names_are_stable():
-    metrics = evaluate_scores(np.array([0, 0, 1, 1]), np.array([0.1, 0.6, 0.4, 0.9]), 0.5)
-    assert tuple(metrics) == METRIC_NAMES
 
 
 # --- mlflow run ---------------------------------------------------------------------------------------
@@ -357,17 +366,23 @@ def test_mlflow_run_refusal_fails_the_run_with_the_reason_and_registers_nothing(
 # --- out-of-bag scores --------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("max_samples", [None, 0.5, 0.3])
-def test_out_of_bag_scores_equal_scikit_learns(max_samples):
-    from sklearn.ensemble import RandomForestClassifier
-
+@pytest.mark.parametrize(("n_estimators", "max_samples"), [(3, None), (3, 0.9), (30, 0.5)])
+def test_out_of_bag_scores_average_the_trees_that_left_each_row_out_and_are_nan_for_no_tree(n_estimators,
+                                                                                          max_samples):
     frame = generate_frame(1_500, 0.05, seed=4)
     X, y = frame[list(FEATURES[:-1])].assign(Amount_scaled=frame["Amount"] / 100), frame[LABEL].to_numpy()
-    forest = RandomForestClassifier(n_estimators=40, max_samples=max_samples, oob_score=True, random_state=5,
-                                    n_jobs=2).fit(X, y)
-    ours = tr.out_of_bag_proba(forest, X, n_jobs=2)
-    assert np.isfinite(ours).all()
-    np.testing.assert_allclose(ours, forest.oob_decision_function_[:, 1], rtol=0, atol=1e-12)
+    params = tr.TrainParams(n_estimators=n_estimators, max_samples=max_samples or 1.0, seed=5, n_jobs=2)
+    fitted = fit_forest(X, y, params, say=lambda _line: None)  # warnings are errors here: none may escape
+    forest = fitted.model
+    in_bag = np.zeros((n_estimators, len(X)), dtype=bool)
+    for tree, samples in enumerate(forest.estimators_samples_):
+        in_bag[tree, samples] = True
+    votes = np.array([tree.predict_proba(X.to_numpy(np.float32))[:, 1] for tree in forest.estimators_])
+    left_out = (~in_bag).sum(axis=0)
+    expected = np.where(left_out > 0, (votes * ~in_bag).sum(axis=0) / np.maximum(left_out, 1), np.nan)
+    np.testing.assert_allclose(fitted.oob_proba, expected, rtol=0, atol=1e-12)
+    assert (left_out == 0).any() == (n_estimators == 3)  # with 3 trees some rows are never out of bag
+    assert not hasattr(forest, "oob_decision_function_") and forest.verbose == 0
 
 
 @pytest.mark.postgres

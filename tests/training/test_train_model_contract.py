@@ -24,7 +24,6 @@ from common.model import (
     sklearn_proba,
 )
 from common.schema import FEATURES
-from training import train as tr
 
 
 def _run_artifact_file(store, run_id: str, path: str) -> Path:
@@ -186,7 +185,7 @@ def _register_plain(store, name: str, n_features: int, *, signature: bool, tags:
     with pytest.MonkeyPatch.context() as mp:
         for key, value in store.env().items():
             mp.setenv(key, value)
-        with tr._tracking(store.tracking_uri):
+        with registry.use_tracking(store.tracking_uri):
             with mlflow.start_run(experiment_id=registry.ensure_experiment("plain", store.tracking_uri)):
                 info = mlflow.sklearn.log_model(forest, name="model", skops_trusted_types=SKOPS_TRUSTED_TYPES,
                                                 input_example=X.iloc[:2] if signature else None,

@@ -1,8 +1,10 @@
-"""`make model`: make sure the registry has a Production model to serve, building the first one if not.
+"""`make model` (`python -m monitoring.bootstrap`): make sure the registry has a Production model to
+serve, building the first one if not.
 
 Idempotent: with a Production version (or MODEL_URI set) it does nothing. Otherwise it promotes the
 newest Staging candidate, training one first when there is none, through the same promotion gate
-CI uses, so even the first model has to pass the gate's absolute quality floor.
+CI uses, so even the first model has to pass the gate's absolute quality floor. It lives beside the
+gate it drives: monitoring uses training, never the other way round.
 """
 
 from __future__ import annotations

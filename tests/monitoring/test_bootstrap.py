@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from common import registry
-from training import bootstrap
+from monitoring import bootstrap
 
 
 def test_bootstrap_trains_and_promotes_the_first_model_once(make_mlflow_store, reference_data, use_env, tmp_path,

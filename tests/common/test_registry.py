@@ -1,0 +1,60 @@
+"""MLflow tracking setup: a block pointed at one store gives the caller back exactly what it had."""
+
+from __future__ import annotations
+
+import os
+
+import mlflow
+import pytest
+
+from common import registry
+
+BLOCK_URI = "sqlite:////tmp/inside-the-block.db"
+
+
+@pytest.fixture
+def no_tracking_uri(monkeypatch):
+    """No URI set in code and none in the environment; the same again after the test."""
+    for key in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI"):
+        monkeypatch.delenv(key, raising=False)
+    mlflow.set_tracking_uri(None)
+    mlflow.set_registry_uri(None)
+    yield
+    mlflow.set_tracking_uri(None)
+    mlflow.set_registry_uri(None)
+
+
+def _inside_block() -> None:
+    with registry.use_tracking(BLOCK_URI):
+        assert mlflow.get_tracking_uri() == BLOCK_URI
+        assert mlflow.get_registry_uri() == BLOCK_URI
+
+
+def test_use_tracking_leaves_an_unset_uri_unset(no_tracking_uri):
+    before = mlflow.get_tracking_uri()
+    _inside_block()
+    assert not mlflow.is_tracking_uri_set()
+    assert mlflow.get_tracking_uri() == before
+
+
+def test_use_tracking_leaves_the_environment_in_charge(no_tracking_uri, monkeypatch, tmp_path):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'a.db'}")
+    _inside_block()
+    assert mlflow.get_tracking_uri() == f"sqlite:///{tmp_path / 'a.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'b.db'}")
+    # Not pinned in code by the block: a later change of the environment still counts.
+    assert mlflow.get_tracking_uri() == f"sqlite:///{tmp_path / 'b.db'}"
+    assert mlflow.get_registry_uri() == f"sqlite:///{tmp_path / 'b.db'}"
+
+
+def test_use_tracking_restores_a_uri_set_in_code_and_the_environment_beside_it(no_tracking_uri, monkeypatch,
+                                                                               tmp_path):
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'code.db'}")
+    mlflow.set_registry_uri(f"sqlite:///{tmp_path / 'registry.db'}")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'env.db'}")
+    monkeypatch.delenv("MLFLOW_REGISTRY_URI")
+    _inside_block()
+    assert mlflow.get_tracking_uri() == f"sqlite:///{tmp_path / 'code.db'}"
+    assert mlflow.get_registry_uri() == f"sqlite:///{tmp_path / 'registry.db'}"
+    assert os.environ["MLFLOW_TRACKING_URI"] == f"sqlite:///{tmp_path / 'env.db'}"
+    assert "MLFLOW_REGISTRY_URI" not in os.environ
