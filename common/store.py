@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import math
 import sqlite3
 import time
 from collections.abc import Iterable, Iterator, Sequence
@@ -236,12 +237,18 @@ class RequestStore:
             retries: further attempts after the first when the database is locked or unreachable.
             backoff: seconds before the first retry; doubles each time.
 
+        An attempt that follows a failed one and finds every row's request_id already taken looks
+        for the rows themselves: when the table holds exactly these rows, value for value, the
+        failed attempt committed them and only its acknowledgement was lost (a PostgreSQL
+        connection that dropped after its COMMIT reached the server), and the write succeeded.
+
         Returns:
             The number of rows written.
 
         Raises:
             ValueError: a name is not a column of `requests`, or a row does not have one value per column.
-            sqlalchemy.exc.IntegrityError: a row breaks a constraint (e.g. a duplicate request_id).
+            sqlalchemy.exc.IntegrityError: a row breaks a constraint (e.g. a duplicate request_id),
+                including a retry that finds other values under its request ids.
             StoreUnavailable: every attempt failed, or one failed in a way no retry cures
                 (common.retries); nothing was written.
         """
@@ -265,7 +272,7 @@ class RequestStore:
             return 0
         dbapi = self.engine.dialect.loaded_dbapi
 
-        def attempt(_number: int) -> int:
+        def attempt(number: int) -> int:
             try:
                 conn = self._writers.get()  # the pool hands connection failures on as the driver's errors
                 with self._write_lock:
@@ -280,14 +287,38 @@ class RequestStore:
                     conn.commit()
             except BaseException as exc:
                 self._writers.drop()  # the next attempt, or write, starts on a fresh connection
-                if isinstance(exc, dbapi.Error):
-                    raise _as_sqlalchemy_error(exc, sql, dbapi) from exc
-                raise
+                if not isinstance(exc, dbapi.Error):
+                    raise
+                error = _as_sqlalchemy_error(exc, sql, dbapi)
+                # Only a retry can meet its own rows. On SQLite it never does: the library reports a
+                # commit's outcome from the very call that commits, so an attempt that failed wrote
+                # nothing; a PostgreSQL connection can drop between the server's COMMIT and its answer.
+                if number > 1 and isinstance(error, sa.exc.IntegrityError) and self._holds_exactly(key, rows):
+                    return len(rows)
+                raise error from exc
             if self._checkpointer is not None:
                 self._checkpointer.committed()
             return len(rows)
 
         return self._retry(attempt, retries, backoff)
+
+    def _holds_exactly(self, key: tuple[str, ...], rows: list | np.ndarray) -> bool:
+        """Whether the table holds these rows, value for value in every column of `key`, under
+        their request ids, and no other row under any of those ids."""
+        if "request_id" not in key:
+            return False
+        at = key.index("request_id")
+        given = rows.tolist() if isinstance(rows, np.ndarray) else rows
+        by_id = {row[at]: row for row in given}
+        columns = [requests_table.c[name] for name in key]
+        found = 0
+        with self.engine.connect() as conn:
+            for chunk in _chunks(list(by_id), 500):
+                for stored in conn.execute(sa.select(*columns).where(requests_table.c.request_id.in_(chunk))):
+                    found += 1
+                    if not all(_same_value(a, b) for a, b in zip(stored, by_id[stored[at]], strict=True)):
+                        return False
+        return found == len(given) == len(by_id)
 
     def _execute_in_chunks(self, cursor, key: tuple[str, ...], rows: list | np.ndarray) -> None:
         """Insert rows through multi-row statements, in one transaction. The chunk sizes are
@@ -574,6 +605,16 @@ def _as_sqlalchemy_error(exc: Exception, statement: str, dbapi) -> sa.exc.DBAPIE
         if isinstance(exc, getattr(dbapi, kind)):
             return getattr(sa.exc, kind)(statement, None, exc)
     return sa.exc.DBAPIError(statement, None, exc)
+
+
+def _same_value(stored, given) -> bool:
+    """A stored value equals the value given for it (numbers by value: 1 == 1.0 == True)."""
+    if stored is None or given is None:
+        return stored is None and given is None
+    if isinstance(given, str) or isinstance(stored, str):
+        return stored == given
+    stored, given = float(stored), float(given)
+    return stored == given or (math.isnan(stored) and math.isnan(given))
 
 
 def _count_new(conn: sa.Connection, sql: str, rows: list[tuple]) -> int:

@@ -1,5 +1,6 @@
 """The request store's writes under trouble, on real SQLite and PostgreSQL: retried like every store
-operation (common.retries), and a table that another process creates at the same moment."""
+operation (common.retries), a table that another process creates at the same moment, and a commit
+whose acknowledgement is lost on the way back."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from sqlalchemy.schema import CreateIndex, CreateTable
 import common.sqlite_writer
 from common.schema import FEATURES
 from common.store import RequestStore, StoreUnavailable, describe, requests_table
+from tests.helpers.pg_proxy import CommitAckCutter
 
 COLUMNS = ("request_id", "ts", *FEATURES)
 ROW = (0.0, *[0.5] * len(FEATURES))
@@ -168,3 +170,61 @@ def test_a_postgresql_table_created_meanwhile_by_another_process_is_taken_as_cre
         _create_while_another_process_creates(postgres_url, hold)
     finally:
         holder.close()
+
+
+# --- a commit whose acknowledgement is lost -------------------------------------------------------
+
+
+def _stored(url: str) -> list[tuple]:
+    import psycopg
+
+    with psycopg.connect(url) as conn:
+        return conn.execute('SELECT request_id, ts, "V1", score FROM requests ORDER BY id').fetchall()
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("rows", [1, 300], ids=["one row", "a batch"])
+def test_a_retry_that_finds_its_own_committed_rows_counts_as_written_once(postgres_url, rows):
+    with CommitAckCutter() as proxy:
+        store = RequestStore(proxy.url(postgres_url))
+        values = [(f"r-{i}", 1.5, *[0.25 * i] * len(FEATURES)) for i in range(rows)]
+        proxy.lose_next_commit_ack()
+        try:
+            assert store.insert_values(COLUMNS, values, retries=2, backoff=0.01) == rows
+        finally:
+            store.dispose()
+        assert proxy.cut.is_set()  # the first attempt's COMMIT was answered, and the answer lost
+    stored = _stored(postgres_url)
+    assert [row[0] for row in stored] == [f"r-{i}" for i in range(rows)]
+
+
+@pytest.mark.postgres
+def test_a_retry_that_finds_other_values_under_its_request_id_is_still_a_constraint_violation(postgres_url):
+    import psycopg
+
+    def change_the_committed_row() -> None:
+        with psycopg.connect(postgres_url) as conn:
+            conn.execute("UPDATE requests SET \"V1\" = 9.0 WHERE request_id = 'r-0'")
+
+    with CommitAckCutter() as proxy:
+        store = RequestStore(proxy.url(postgres_url))
+        proxy.lose_next_commit_ack(after_cut=change_the_committed_row)
+        try:
+            with pytest.raises(sa.exc.IntegrityError, match="duplicate key"):
+                store.insert_values(COLUMNS, [("r-0", *ROW)], retries=2, backoff=0.01)
+        finally:
+            store.dispose()
+        assert proxy.cut.is_set()
+    assert _stored(postgres_url) == [("r-0", 0.0, 9.0, None)]
+
+
+@pytest.mark.postgres
+def test_a_first_attempt_that_meets_its_request_id_taken_is_a_constraint_violation_at_once(postgres_url):
+    store = RequestStore(postgres_url)
+    try:
+        store.insert_values(COLUMNS, [("r-0", *ROW)])
+        # The same values: on a first attempt that is a second write of the id, not a retry.
+        with pytest.raises(sa.exc.IntegrityError, match="duplicate key"):
+            store.insert_values(COLUMNS, [("r-0", *ROW)], retries=2, backoff=0.01)
+    finally:
+        store.dispose()

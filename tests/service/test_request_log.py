@@ -13,6 +13,7 @@ from common.schema import FEATURES
 from common.store import RequestStore
 from service.app import service_of
 from service.request_log import new_request_id
+from tests.helpers.pg_proxy import CommitAckCutter
 from tests.helpers.service import AUTH, parse_metrics
 
 
@@ -33,6 +34,31 @@ def test_postgresql_request_log_keeps_every_row_and_feedback(make_app, postgres_
     assert frame["score"].tolist() == body["fraud_probability"]
     assert frame["Class"].tolist()[1] == 1 and frame["Class"].isna().sum() == 3
 
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("rows", [1, 5], ids=["one row", "a batch"])
+def test_a_lost_commit_acknowledgement_still_answers_200_with_the_scores_and_logs_each_row_once(
+        make_app, postgres_url, sample_rows, rows):
+    with CommitAckCutter() as proxy:
+        app = make_app(request_log=proxy.url(postgres_url))
+        client = app.test_client()
+        assert client.post("/predict", json={"data": sample_rows[:1]}, headers=AUTH).status_code == 200
+        proxy.lose_next_commit_ack()
+        response = client.post("/predict", json={"data": sample_rows[:rows]}, headers=AUTH)
+        assert proxy.cut.is_set()
+        assert response.status_code == 200, response.get_data(as_text=True)
+        body = response.get_json()
+        assert len(body["fraud_probability"]) == rows
+    store = RequestStore(postgres_url, create=False)
+    try:
+        frame = store.read_frame(("request_id", "score"))
+    finally:
+        store.dispose()
+    logged = frame[frame["request_id"].isin(body["request_id"])]
+    assert logged["request_id"].tolist() == body["request_id"]  # each row once, in order
+    assert logged["score"].tolist() == body["fraud_probability"]
+    assert len(frame) == 1 + rows
 
 def test_request_ids_are_uuid7_that_start_with_the_time_and_sort_by_it(client, sample_rows):
     def request_id() -> str:
