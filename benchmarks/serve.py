@@ -48,7 +48,7 @@ import orjson
 
 from common.paths import REPO_ROOT
 
-TOKEN = "benchmark-token"
+TOKEN = "benchmark-token-0123456789"
 MODEL_NAME = "fraud-detector"
 CLIENTS = (1, 8)
 BATCH_ROWS = 1000

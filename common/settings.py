@@ -162,20 +162,35 @@ def fraud_threshold() -> float | None:
     return read_float("FRAUD_THRESHOLD", None, minimum=0.0, maximum=1.0)
 
 
+# A token shorter than this is refused: 16 characters of a random token are at least ~80 bits.
+MIN_TOKEN_LENGTH = 16
+
+
 def api_tokens() -> tuple[str, ...]:
     """API_TOKEN (comma-separated) and API_TOKEN_FILE (one token per line); all are valid at once.
 
     Raises:
-        SettingsError: API_TOKEN_FILE cannot be read.
+        SettingsError: API_TOKEN_FILE cannot be read, or a token is shorter than MIN_TOKEN_LENGTH
+            characters (the message names the variable, never the token).
     """
-    tokens = [t.strip() for t in (read_str("API_TOKEN") or "").split(",")]
+    tokens = _long_tokens("API_TOKEN", (read_str("API_TOKEN") or "").split(","))
     token_file = read_str("API_TOKEN_FILE")
     if token_file:
         try:
-            tokens += [line.strip() for line in Path(token_file).read_text().splitlines()]
+            lines = Path(token_file).read_text().splitlines()
         except OSError as exc:
             raise SettingsError(f"API_TOKEN_FILE={token_file!r} cannot be read: {exc.strerror}") from None
-    return tuple(dict.fromkeys(t for t in tokens if t))
+        tokens += _long_tokens("API_TOKEN_FILE", lines)
+    return tuple(dict.fromkeys(tokens))
+
+
+def _long_tokens(name: str, raw: list[str]) -> list[str]:
+    tokens = [t.strip() for t in raw if t.strip()]
+    short = [len(t) for t in tokens if len(t) < MIN_TOKEN_LENGTH]
+    if short:
+        raise SettingsError(f"{name} holds a token of {short[0]} characters; every token needs at least "
+                            f"{MIN_TOKEN_LENGTH} (e.g. python -c 'import secrets; print(secrets.token_urlsafe(32))')")
+    return tokens
 
 
 def model_poll_seconds() -> float:

@@ -231,7 +231,7 @@ def test_running_service_serves_the_newly_promoted_version_without_a_restart(wor
 
     first, second = world.registry.good.version, world.registry.other.version
     world.make_production(first)
-    token = "gate-test-token"
+    token = "gate-test-token-0123"
     app = create_app({
         "tokens": (token,), "request_log": str(tmp_path / "requests.db"), "tracking_uri": world.store.tracking_uri,
         "model_name": world.name, "model_uri": None, "fraud_threshold": None, "poll_seconds": 0.2,

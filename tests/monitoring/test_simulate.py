@@ -14,7 +14,7 @@ from common.store import RequestStore
 from monitoring import drift, simulate
 from tests.helpers.builders import new_mlflow_store, train_model
 
-TOKEN = "simulator-token"
+TOKEN = "simulator-token-0123"
 
 
 @pytest.fixture(scope="module")
@@ -46,14 +46,14 @@ def service_url(served_registry, reference_data, tmp_path) -> Iterator[tuple[str
 
 
 def test_token_comes_from_the_environment_or_the_token_file(monkeypatch, tmp_path):
-    monkeypatch.setenv("API_TOKEN", "first,second")
-    assert simulate.read_token() == "first"
+    monkeypatch.setenv("API_TOKEN", "first-token-0123456,second-token-012345")
+    assert simulate.read_token() == "first-token-0123456"
     monkeypatch.delenv("API_TOKEN")
     monkeypatch.delenv("API_TOKEN_FILE", raising=False)
     token_file = tmp_path / ".api_token"
-    token_file.write_text("from-file\n")
+    token_file.write_text("from-file-0123456789\n")
     monkeypatch.setattr(simulate, "TOKEN_FILE", token_file)
-    assert simulate.read_token() == "from-file"
+    assert simulate.read_token() == "from-file-0123456789"
     token_file.unlink()
     with pytest.raises(simulate.SimulationError, match="no API token"):
         simulate.read_token()
@@ -110,6 +110,6 @@ def test_a_bad_scenario_parameter_is_a_usage_error(capsys):
 
 def test_a_wrong_token_is_reported_with_the_service_error_and_exit_1(service_url, reference_data, use_env, capsys):
     url, _ = service_url
-    use_env({**reference_data.env(), "API_TOKEN": "wrong"})
+    use_env({**reference_data.env(), "API_TOKEN": "wrong-token-0123456789"})
     assert simulate.main(["--rows", "10", "--url", url]) == 1
     assert "401" in capsys.readouterr().err

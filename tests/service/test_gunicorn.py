@@ -99,7 +99,8 @@ def model_workers(samples: dict, version: str) -> float:
 @pytest.mark.slow
 def test_gunicorn_serves_logs_aggregates_metrics_swaps_models_and_stops_cleanly(private_registry, serving_registry,
                                                                                  tmp_path, sample_rows):
-    env = server_env(private_registry, serving_registry.data, tmp_path, free_port(), API_TOKEN=f"{TOKEN},other")
+    env = server_env(private_registry, serving_registry.data, tmp_path, free_port(),
+                     API_TOKEN=f"{TOKEN},other-token-0123456")
     server = Server(GUNICORN, env, tmp_path / "server.log")
     try:
         assert server.wait_until(lambda: requests.get(f"{server.url}/health", timeout=5).ok, "liveness")
@@ -146,7 +147,7 @@ def test_gunicorn_serves_logs_aggregates_metrics_swaps_models_and_stops_cleanly(
 @pytest.mark.slow
 def test_tokens_rotate_through_the_token_file_and_sighup_without_a_restart(serving_registry, tmp_path, sample_rows):
     token_file = tmp_path / "tokens"
-    token_file.write_text("old-token\n")
+    token_file.write_text("old-token-0123456789\n")
     # With gunicorn's gthread worker (WEB_THREADS>1), so that both worker classes are served here.
     env = server_env(serving_registry.store, serving_registry.data, tmp_path, free_port(), WEB_CONCURRENCY="1",
                      API_TOKEN_FILE=str(token_file), WEB_THREADS="4")
@@ -158,24 +159,24 @@ def test_tokens_rotate_through_the_token_file_and_sighup_without_a_restart(servi
 
     try:
         server.wait_until(lambda: requests.get(f"{server.url}/ready", timeout=5).ok, "readiness")
-        assert (status("old-token"), status("new-token")) == (200, 401)
+        assert (status("old-token-0123456789"), status("new-token-0123456789")) == (200, 401)
         master = server.process.pid
         # Step 1: both tokens are valid while clients move to the new one.
-        token_file.write_text("old-token\nnew-token\n")
+        token_file.write_text("old-token-0123456789\nnew-token-0123456789\n")
         os.kill(master, signal.SIGHUP)
-        server.wait_until(lambda: status("new-token") == 200, "the new token to be accepted")
-        assert status("old-token") == 200
+        server.wait_until(lambda: status("new-token-0123456789") == 200, "the new token to be accepted")
+        assert status("old-token-0123456789") == 200
         # Step 2: the old token is withdrawn.
-        token_file.write_text("new-token\n")
+        token_file.write_text("new-token-0123456789\n")
         os.kill(master, signal.SIGHUP)
-        server.wait_until(lambda: status("old-token") == 401, "the old token to be refused")
-        assert status("new-token") == 200
+        server.wait_until(lambda: status("old-token-0123456789") == 401, "the old token to be refused")
+        assert status("new-token-0123456789") == 200
         assert server.process.pid == master and server.process.poll() is None
     finally:
         code = server.stop()
     output = server.output()
     assert code == 0, output[-3000:]
-    assert "old-token" not in output and "new-token" not in output
+    assert "old-token-0123456789" not in output and "new-token-0123456789" not in output
 
 
 @pytest.mark.slow

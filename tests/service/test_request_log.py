@@ -137,7 +137,7 @@ def test_the_sqlite_synchronous_setting_is_checked_at_start(monkeypatch, tmp_pat
 
     monkeypatch.setenv("SQLITE_SYNCHRONOUS", "OFF")
     with pytest.raises(SettingsError, match="SQLITE_SYNCHRONOUS='OFF' is neither NORMAL nor FULL"):
-        create_app({"tokens": ("t",), "request_log": str(tmp_path / "r.db"), "watch_model": False})
+        create_app({"tokens": ("request-log-test-token",), "request_log": str(tmp_path / "r.db"), "watch_model": False})
 
 
 def _insert_many(path: str, prefix: str, n: int) -> None:
