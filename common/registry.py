@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import mlflow
@@ -128,45 +128,95 @@ def version_in_stage(mlflow_client: MlflowClient, name: str, stage: str) -> Mode
     return max(versions, key=lambda v: int(v.version)) if versions else None
 
 
+def version_with_alias(mlflow_client: MlflowClient, name: str, alias: str) -> ModelVersion | None:
+    """The version of `name` that holds `alias`, or None when none does (or the model is not registered).
+
+    Raises:
+        MlflowException: any other registry error (unreachable, a malformed name ...).
+    """
+    try:
+        return mlflow_client.get_model_version_by_alias(name, alias)
+    except MlflowException as exc:
+        if is_missing_alias(exc, alias) or exc.error_code == "RESOURCE_DOES_NOT_EXIST":
+            return None
+        raise
+
+
+def is_missing_alias(exc: MlflowException, alias: str) -> bool:
+    """Whether `exc` is the registry's answer for an alias no version holds. MLflow 3 gives it no
+    code of its own: INVALID_PARAMETER_VALUE, "Registered model alias <alias> not found." (the SQL
+    store, and a tracking server in front of one)."""
+    return exc.error_code == "INVALID_PARAMETER_VALUE" and f"alias {alias} not found" in exc.message
+
+
 def production_version(mlflow_client: MlflowClient, name: str) -> ModelVersion | None:
-    """The version the registry serves: stage Production (alias `champion` is kept in step)."""
+    """The version the registry serves: the one with alias `champion`, else (a registry promoted by
+    stage alone, before aliases) the newest version in stage Production.
+
+    The alias, not the stage, because one alias names one version at every moment, and moving it is
+    the single write that commits a promotion (`move_to_stage`); a stage may be held by two versions
+    in the middle of one (docs/decisions/017-watcher-follows.md).
+    """
+    champion = version_with_alias(mlflow_client, name, STAGE_ALIASES["Production"])
+    if champion is not None:
+        return champion
     return version_in_stage(mlflow_client, name, "Production")
 
 
-def move_to_stage(mlflow_client: MlflowClient, name: str, version: str | int, stage: str) -> None:
+def production_versions(mlflow_client: MlflowClient, name: str) -> list[ModelVersion]:
+    """Every version of `name` in stage Production, oldest first (normally one; two in the middle of
+    a promotion or after one was interrupted)."""
+    with stages_api():
+        found = mlflow_client.search_model_versions(f"name = '{name}'")
+    return sorted((v for v in found if v.current_stage == "Production"), key=lambda v: int(v.version))
+
+
+def move_to_stage(mlflow_client: MlflowClient, name: str, version: str | int, stage: str, *,
+                  after_step: Callable[[str], None] | None = None) -> None:
     """Move a version to `stage` and keep the aliases in step.
 
     Production archives the version it replaces, which gets alias `previous`. Staging sets
     `challenger`. Archived and None remove the version's stage alias.
+
+    A move to Production is a sequence of registry writes, in an order that a crash between any two
+    leaves the served version (`production_version`) on a version in stage Production: the stage
+    first ("stage"), then alias `champion` ("alias"), which commits the move, then the replaced
+    version archived with alias `previous`. `after_step` is called with each quoted name once that
+    step is written (the promotion gate's crash tests).
     """
     version = str(version)
-    current_production = production_version(mlflow_client, name) if stage == "Production" else None
+    if stage != "Production":
+        with stages_api():
+            mlflow_client.transition_model_version_stage(name, version, stage, archive_existing_versions=False)
+        alias = STAGE_ALIASES.get(stage)
+        if alias:
+            mlflow_client.set_registered_model_alias(name, alias, version)
+        else:
+            for stage_alias in STAGE_ALIASES.values():
+                _drop_alias_if_on(mlflow_client, name, stage_alias, version)
+        return
+    current_production = production_version(mlflow_client, name)
     with stages_api():
         # Not archive_existing_versions=True: on a PostgreSQL-backed registry MLflow 3.17 compares the
         # integer version column with a text parameter there and fails. The versions this one replaces
-        # are archived after it holds the stage, so readers never see no Production version.
+        # are archived after it holds the stage and the alias, so readers never see no Production version.
         mlflow_client.transition_model_version_stage(name, version, stage, archive_existing_versions=False)
-        if stage == "Production":
-            for other in mlflow_client.search_model_versions(f"name = '{name}'"):
-                if other.current_stage == "Production" and str(other.version) != version:
-                    mlflow_client.transition_model_version_stage(name, str(other.version), "Archived")
-    alias = STAGE_ALIASES.get(stage)
-    if alias:
-        mlflow_client.set_registered_model_alias(name, alias, version)
-    else:
-        for stage_alias in STAGE_ALIASES.values():
-            _drop_alias_if_on(mlflow_client, name, stage_alias, version)
-    if stage == "Production":
-        _drop_alias_if_on(mlflow_client, name, STAGE_ALIASES["Staging"], version)
-        # The SQL registry returns versions as int, callers pass str: compare as text.
-        if current_production is not None and str(current_production.version) != version:
-            mlflow_client.set_registered_model_alias(name, PREVIOUS_ALIAS, current_production.version)
+    if after_step is not None:
+        after_step("stage")
+    mlflow_client.set_registered_model_alias(name, STAGE_ALIASES["Production"], version)
+    if after_step is not None:
+        after_step("alias")
+    with stages_api():
+        for other in production_versions(mlflow_client, name):
+            if str(other.version) != version:
+                mlflow_client.transition_model_version_stage(name, str(other.version), "Archived")
+    _drop_alias_if_on(mlflow_client, name, STAGE_ALIASES["Staging"], version)
+    # The SQL registry returns versions as int, callers pass str: compare as text.
+    if current_production is not None and str(current_production.version) != version:
+        mlflow_client.set_registered_model_alias(name, PREVIOUS_ALIAS, current_production.version)
 
 
 def _drop_alias_if_on(mlflow_client: MlflowClient, name: str, alias: str, version: str) -> None:
-    try:
-        holder = mlflow_client.get_model_version_by_alias(name, alias)
-    except MlflowException:
-        return
-    if str(holder.version) == version:
+    holder = version_with_alias(mlflow_client, name, alias)
+    if holder is not None and str(holder.version) == version:
         mlflow_client.delete_registered_model_alias(name, alias)

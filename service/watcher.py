@@ -1,8 +1,11 @@
-"""Which model a worker serves: the registry's Production version, loaded and kept current.
+"""Which model a worker serves: the registry's champion, loaded and kept current.
 
 Each gunicorn worker runs one `ModelWatcher`, started after fork when the app is created. A
-background thread asks the registry every MODEL_POLL_SECONDS which version it should serve
-(Production of MODEL_NAME, or what MODEL_URI names) and, when that changes, loads the new version
+background thread asks the registry every MODEL_POLL_SECONDS which version it should serve (the
+version of MODEL_NAME with alias `champion`, which the promotion gate keeps in stage Production;
+for a registry without that alias, the newest Production version; see
+`common.registry.production_version` and docs/decisions/017-watcher-follows.md; or what MODEL_URI
+names) and, when that changes, loads the new version
 beside the old one and swaps them with one reference assignment. Requests read `watcher.current`
 once, so each is scored by exactly one version, and none fails during a swap.
 
@@ -75,8 +78,8 @@ class ModelWatcher:
 
     @property
     def target(self) -> str:
-        """What this watcher serves, for messages: the MODEL_URI or `<name>` in stage Production."""
-        return self.model_uri or f"models:/{self.model_name}/Production"
+        """What this watcher serves, for messages: the MODEL_URI or `<name>`'s alias champion."""
+        return self.model_uri or f"models:/{self.model_name}@{registry.STAGE_ALIASES['Production']}"
 
     # --- lifecycle ---------------------------------------------------------------------------------
 
@@ -160,7 +163,7 @@ class ModelWatcher:
             return resolved[0], str(resolved[1])
         found = registry.production_version(client, self.model_name)
         if found is None:
-            raise _NoVersion(f"no version of {self.model_name!r} is in stage Production")
+            raise _NoVersion(f"no version of {self.model_name!r} has alias champion or is in stage Production")
         return self.model_name, str(found.version)
 
     def _registry_client(self):

@@ -108,8 +108,8 @@ def test_scoring_without_a_model_is_503_with_the_reason(make_app, private_regist
     app = make_app(tracking_uri=private_registry.tracking_uri)
     client = app.test_client()
     body = assert_error(client.post("/predict", json={"data": [ROW]}, headers=AUTH), 503, "model_unavailable",
-                        "no version of 'fraud-detector' is in stage Production")
-    assert "polls models:/fraud-detector/Production every 0.2 s" in body["error"]["message"]
+                        "no version of 'fraud-detector' has alias champion or is in stage Production")
+    assert "polls models:/fraud-detector@champion every 0.2 s" in body["error"]["message"]
     assert_error(client.get("/version"), 503, "model_unavailable")
     assert logged_rows(app) == 0
 

@@ -100,7 +100,7 @@ def test_without_a_production_version_it_answers_503_then_serves_the_first_promo
     body = ready.get_json()
     assert body["status"] == "not_ready" and body["model"] is None
     assert body["error"]["code"] == "model_unavailable"
-    assert body["problem"] == "no version of 'fraud-detector' is in stage Production"
+    assert body["problem"] == "no version of 'fraud-detector' has alias champion or is in stage Production"
     assert body["registry"]["reachable"] is True
     assert client.post("/predict", json={"data": sample_rows[:1]}, headers=AUTH).status_code == 503
     assert metrics_of(client)[("fraud_model_loaded", ())] == 0
