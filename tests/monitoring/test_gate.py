@@ -10,6 +10,7 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 import pytest
+from mlflow.exceptions import MlflowException
 
 from common import registry
 from monitoring import gate
@@ -74,10 +75,14 @@ class GateWorld:
             return self.client().get_model_version(self.name, version).current_stage
 
     def alias(self, alias: str) -> str | None:
+        """The version holding `alias`, or None when no version does; any other error fails the test."""
         try:
             return str(self.client().get_model_version_by_alias(self.name, alias).version)
-        except Exception:
-            return None
+        except MlflowException as exc:
+            # MLflow 3 has no error code of its own for it (common.registry.is_missing_alias).
+            if exc.error_code == "INVALID_PARAMETER_VALUE" and f"alias {alias} not found" in exc.message:
+                return None
+            raise
 
     def promote(self, *args: str) -> int:
         return gate.main([*args, "--reference-file", str(self.reference_file), "--output-dir", str(self.out)])
