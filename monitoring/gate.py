@@ -29,8 +29,15 @@ Every decision is one run in experiment `promotions`, with both models' metrics 
 (`candidate.<metric>`, `production.<metric>`, `delta.<metric>`), and `promotion_result.json`
 (also written to `--output-dir`).
 
+One gate at a time: a promotion or a rollback holds the gate lock in the request log's database
+(monitoring.gate_lock) from before it reads the registry until its registry change is done. A second
+gate waits for it up to `--lock-wait` seconds, then gives up without changing anything. Holding the
+lock, a gate first repairs a promotion that an earlier gate left half done (killed, or failed
+midway) and says so (monitoring.promotion).
+
 Exit codes: 0 promoted (or rolled back), 3 refused by a check, 2 bad arguments or config (or
-nothing to decide: no candidate, no previous version), 1 the gate could not run.
+nothing to decide: no candidate, no previous version), 4 another promotion or rollback held the
+gate lock for all of `--lock-wait`, 1 the gate could not run.
 """
 
 from __future__ import annotations
@@ -55,6 +62,8 @@ from common import registry, settings
 from common.model import PARITY_TOLERANCE, ModelLoadError, load_bundle
 from common.schema import FEATURES, LABEL
 from common.text import cli_bool, first_line
+from monitoring import promotion
+from monitoring.gate_lock import LockBusy, LockUnavailable, gate_lock
 from monitoring.reference import ReferenceError, commit_reference_file, discard_staged, stage_refresh
 from monitoring.runs import PROMOTED_AT_TAG, log, promoted_at, start_run
 
@@ -62,11 +71,14 @@ EXIT_PASSED = 0
 EXIT_ERROR = 1
 EXIT_USAGE = 2
 EXIT_REFUSED = 3
+EXIT_BUSY = 4
 
 REASONS = ("scheduled", "manual")
 EVALUATION_ARTIFACT = "data/evaluation.parquet"  # written by training.registration (EVALUATION_ARTIFACT)
 RESULT_FILE = "promotion_result.json"
 COMPARED = ("average_precision", "recall")
+# How long a gate waits for another one to finish; a gate run takes seconds to a few minutes.
+LOCK_WAIT_SECONDS = 300.0
 
 
 class GateUsageError(ValueError):
@@ -75,6 +87,10 @@ class GateUsageError(ValueError):
 
 class GateError(RuntimeError):
     """The gate could not run (exit code 1)."""
+
+
+class GateBusy(GateError):
+    """Another promotion or rollback held the gate lock for the whole wait (exit code 4)."""
 
 
 @dataclass(frozen=True)
@@ -128,6 +144,7 @@ class GateParams:
     config: Path | None = None
     reference_file: Path | None = None
     output_dir: Path = Path()
+    lock_wait: float = LOCK_WAIT_SECONDS
 
 
 @dataclass(frozen=True)
@@ -325,14 +342,62 @@ def _candidate(mlflow_client, name: str, version: str | None):
 
 
 def promote(params: GateParams) -> GateDecision:
-    """Judge the candidate and promote it when every check passes. See the module docstring.
+    """Judge the candidate and promote it when every check passes, holding the gate lock. See the
+    module docstring.
 
     Raises:
         GateUsageError: bad arguments or config, no candidate, or the candidate is already Production.
-        GateError: the registry, the tracking store or an artifact is unavailable.
+        GateBusy: another gate held the lock for all of `params.lock_wait`.
+        GateError: the registry, the tracking store, an artifact or the gate lock is unavailable.
     """
     if params.rollback:
         return rollback(params)
+    return _exclusive(params, _promote)
+
+
+def rollback(params: GateParams) -> GateDecision:
+    """Make the `previous` version Production again (it must still load), holding the gate lock; the
+    current one becomes `previous`.
+
+    Raises:
+        GateUsageError: there is no `previous` version, or it is already Production.
+        GateBusy: another gate held the lock for all of `params.lock_wait`.
+        GateError: the registry, the tracking store or the gate lock is unavailable.
+    """
+    return _exclusive(params, _rollback)
+
+
+def _exclusive(params: GateParams, decide) -> GateDecision:
+    """Run `decide(params, repairs)` holding the gate lock, after repairing an interrupted promotion."""
+    uri = params.tracking_uri or settings.tracking_uri()
+    name = params.model_name or settings.model_name()
+    location = settings.request_log_url()
+    try:
+        with gate_lock(location, params.lock_wait, on_wait=lambda where: print(
+                f"gate: another promotion or rollback holds the gate lock ({where}); waiting up to "
+                f"{params.lock_wait:g} s", file=sys.stderr, flush=True)):
+            mlflow_client = registry.client(uri)
+            repairs = promotion.repair(mlflow_client, name,
+                                       Path(params.reference_file or settings.drift_reference_path()), uri)
+            for line in repairs:
+                print(f"gate: repaired: {line}", flush=True)
+            try:
+                decision = decide(params, tuple(f"repaired first: {line}" for line in repairs))
+            except (GateUsageError, GateError) as exc:
+                if repairs:  # printed above; said again beside the error
+                    raise type(exc)(f"{exc} (after repairing an interrupted promotion first)") from None
+                raise
+            if decision.passed:
+                promotion.finish(mlflow_client, name)
+            return decision
+    except LockBusy as exc:
+        raise GateBusy(f"{exc}; nothing was changed. Run the gate again once the other one is done "
+                       "(or give it longer with --lock-wait)") from None
+    except LockUnavailable as exc:
+        raise GateError(str(exc)) from None
+
+
+def _promote(params: GateParams, repairs: tuple[str, ...] = ()) -> GateDecision:
     if params.reason and params.reason not in REASONS:
         raise GateUsageError(f"--reason {params.reason!r} is unknown; expected one of {REASONS} (or none)")
     config = GateConfig.load(params.config or settings.promotion_config_path())
@@ -347,7 +412,7 @@ def promote(params: GateParams) -> GateDecision:
                        {"action": "promote"}, uri)
     staged = None
     try:
-        checks, metrics, notes = [], {}, []
+        checks, metrics, notes = [], {}, list(repairs)
         if production is not None:
             checks.append(drift_cause(mlflow_client, production, params.reason))
         elif params.reason:
@@ -377,6 +442,7 @@ def promote(params: GateParams) -> GateDecision:
             _make_production(mlflow_client, name, candidate.version, decision)
             commit_reference_file(staged, reference_path)
             staged = None
+            promotion.crash_point("reference")
             decision = GateDecision(**{**decision.__dict__,
                                        "notes": (*decision.notes, f"drift reference refreshed: {reference_path}")})
         _log_decision(mlflow_client, decision, params, config)
@@ -389,13 +455,7 @@ def promote(params: GateParams) -> GateDecision:
     return decision
 
 
-def rollback(params: GateParams) -> GateDecision:
-    """Make the `previous` version Production again (it must still load); the current one becomes `previous`.
-
-    Raises:
-        GateUsageError: there is no `previous` version, or it is already Production.
-        GateError: the registry or tracking store is unavailable.
-    """
+def _rollback(params: GateParams, repairs: tuple[str, ...] = ()) -> GateDecision:
     uri = params.tracking_uri or settings.tracking_uri()
     mlflow_client = registry.client(uri)
     name = params.model_name or settings.model_name()
@@ -420,10 +480,11 @@ def rollback(params: GateParams) -> GateDecision:
         cause = Check("cause", True, f"rollback from v{production.version if production else 'none'}"
                                      + (f" ({params.reason})" if params.reason else ""))
         decision = GateDecision("rollback", check.passed, name, str(previous.version),
-                                str(production.version) if production else None, (cause, check), {}, run_id)
+                                str(production.version) if production else None, (cause, check), {}, run_id,
+                                repairs)
         if decision.passed:
             reference_path = Path(params.reference_file or settings.drift_reference_path())
-            notes = []
+            notes = list(repairs)
             try:
                 staged = stage_refresh(mlflow_client, served, reference_path)
             except ReferenceError as exc:
@@ -433,6 +494,7 @@ def rollback(params: GateParams) -> GateDecision:
                 commit_reference_file(staged, reference_path)
                 staged = None
                 notes.append(f"drift reference refreshed: {reference_path}")
+            promotion.crash_point("reference")
             decision = GateDecision(**{**decision.__dict__, "notes": tuple(notes)})
         _log_decision(mlflow_client, decision, params, None)
     except BaseException as exc:
@@ -445,14 +507,13 @@ def rollback(params: GateParams) -> GateDecision:
 
 
 def _make_production(mlflow_client, name: str, version: str, decision: GateDecision) -> None:
-    registry.move_to_stage(mlflow_client, name, version, "Production")
     reasons = "; ".join(decision.reasons)
     tags = {PROMOTED_AT_TAG: repr(time.time()), "promotion_run_id": decision.run_id or "",
             "promotion_action": decision.action, "promotion_reasons": reasons[:4900]}
     if decision.production:
-        tags["replaced_version"] = decision.production
-    for key, value in tags.items():
-        mlflow_client.set_model_version_tag(name, version, key, value)
+        tags[promotion.REPLACED_TAG] = decision.production
+    promotion.make_production(mlflow_client, name, version, run_id=decision.run_id, action=decision.action,
+                              tags=tags)
 
 
 def _log_decision(mlflow_client, decision: GateDecision, params: GateParams, config: GateConfig | None) -> None:
@@ -494,7 +555,8 @@ def _fail_run(mlflow_client, run_id: str, exc: BaseException) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m monitoring.gate", description=__doc__.splitlines()[0],
                                      epilog="exit codes: 0 promoted or rolled back, 3 refused, 2 bad arguments or "
-                                            "nothing to decide, 1 the gate could not run")
+                                            "nothing to decide, 4 another promotion or rollback held the gate "
+                                            "lock for all of --lock-wait, 1 the gate could not run")
     parser.add_argument("--version", default=None, help="candidate version (default: the newest Staging version)")
     parser.add_argument("--reason", default=None, help="promote without a drift run: scheduled or manual")
     parser.add_argument("--rollback", type=cli_bool, default=False,
@@ -506,19 +568,32 @@ def build_parser() -> argparse.ArgumentParser:
                         help="drift reference file to refresh (default: DRIFT_REFERENCE)")
     parser.add_argument("--output-dir", "--output_dir", dest="output_dir", type=Path, default=Path(),
                         help="where promotion_result.json is written")
+    parser.add_argument("--lock-wait", "--lock_wait", dest="lock_wait", type=_seconds, default=LOCK_WAIT_SECONDS,
+                        help="seconds to wait while another promotion or rollback holds the gate lock "
+                             f"(default {LOCK_WAIT_SECONDS:g}); then exit 4")
     return parser
+
+
+def _seconds(text: str) -> float:
+    value = float(text)
+    if not (math.isfinite(value) and value >= 0):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds (0 or more)")
+    return value
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     params = GateParams(version=(args.version or "").strip() or None, reason=(args.reason or "").strip() or None,
                         rollback=args.rollback, model_name=args.model_name, config=args.config,
-                        reference_file=args.reference_file, output_dir=args.output_dir)
+                        reference_file=args.reference_file, output_dir=args.output_dir, lock_wait=args.lock_wait)
     try:
         decision = promote(params)
     except GateUsageError as exc:
         print(f"gate: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except GateBusy as exc:
+        print(f"gate: gave up: {exc}", file=sys.stderr)
+        return EXIT_BUSY
     except (GateError, ReferenceError, MlflowException) as exc:
         print(f"gate: could not decide: {exc}", file=sys.stderr)
         return EXIT_ERROR

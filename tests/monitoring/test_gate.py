@@ -110,7 +110,8 @@ class GateWorld:
 @pytest.fixture
 def world(gate_registry, tmp_path, use_env, monkeypatch) -> GateWorld:
     store = gate_registry.copy(tmp_path / "registry")
-    use_env({**store.env(), **gate_registry.data.env(), "MODEL_NAME": gate_registry.good.name})
+    use_env({**store.env(), **gate_registry.data.env(), "MODEL_NAME": gate_registry.good.name,
+             "LATEST_DB": str(tmp_path / "requests.db")})  # the gate lock goes beside it
     monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
     return GateWorld(store, gate_registry, tmp_path / "drift_reference.parquet", tmp_path / "out")
 
@@ -285,7 +286,8 @@ def drops(gate_registry, tmp_path_factory) -> dict[str, float]:
     config = root / "generous.json"
     config.write_text(json.dumps({"max_average_precision_drop": 1.0, "max_recall_drop": 1.0}))
     with pytest.MonkeyPatch.context() as mp:
-        for key, value in {**store.env(), **gate_registry.data.env(), "MODEL_NAME": name}.items():
+        for key, value in {**store.env(), **gate_registry.data.env(), "MODEL_NAME": name,
+                           "LATEST_DB": str(root / "requests.db")}.items():
             mp.setenv(key, value)
         mp.delenv("MLFLOW_RUN_ID", raising=False)
         code = gate.main(["--version", weaker, "--reason", "manual", "--config", str(config),
