@@ -23,13 +23,16 @@ Loading (`load_bundle`, `load_bundle_from_uri`) returns a `ModelBundle` whose `p
 maps an (n, 29) array in FEATURES order to n fraud probabilities, and whose `predict_one` gives the
 probability of a single row as a Python float (the service's hot path). With `flavor="auto"` it uses
 ONNX Runtime when the ONNX artifact exists and agrees with the forest on a fixed probe set,
-otherwise scikit-learn, and says why in `onnx_problem`. A version that is
+otherwise scikit-learn, and says why in `onnx_problem`; when the ONNX artifact could not be
+downloaded (`onnx_retryable`, e.g. a registry or artifact store that failed for a moment),
+`with_onnx` tries it again for the loaded bundle. A version that is
 missing its model, has the wrong input schema or no valid threshold raises `ModelLoadError`;
 so does an absent or disagreeing ONNX artifact when `flavor="onnx"` is demanded.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import re
@@ -258,13 +261,13 @@ class _SklearnScorer:
     """Scoring through the forest itself, when a version has no usable ONNX artifact."""
 
     def __init__(self, forest):
-        self._forest = forest
+        self.forest = forest
 
     def __call__(self, X: np.ndarray) -> np.ndarray:
-        return sklearn_proba(self._forest, X)
+        return sklearn_proba(self.forest, X)
 
     def one(self, X: np.ndarray) -> float:
-        return float(sklearn_proba(self._forest, X)[0])
+        return float(sklearn_proba(self.forest, X)[0])
 
 
 @dataclass(frozen=True)
@@ -285,6 +288,9 @@ class ModelBundle:
     onnx_problem: str | None
     features: tuple[str, ...] = FEATURES
     aliases: tuple[str, ...] = ()
+    onnx_artifact: str = ONNX_ARTIFACT
+    # The scikit-learn flavor because the ONNX artifact could not be downloaded: another try may get it.
+    onnx_retryable: bool = False
     _scorer: _OnnxScorer | _SklearnScorer = field(default=None, repr=False, compare=False)
 
     def predict_proba(self, X: np.ndarray) -> np.ndarray:
@@ -405,9 +411,10 @@ def load_bundle(mlflow_client, name: str, version: str | int, *, flavor: str = "
         if hasattr(forest, "n_jobs"):
             forest.n_jobs = 1  # a server scores small batches; a thread pool per call costs more than it saves
 
-        session, parity, problem = None, None, None
+        session, parity, problem, retryable = None, None, None, False
+        onnx_artifact = meta.get("onnx_artifact") or ONNX_ARTIFACT
         if flavor != "sklearn":
-            session, parity, problem = _load_onnx(mlflow_client, mv.run_id, meta, forest, tmp)
+            session, parity, problem, retryable = _load_onnx(mlflow_client, mv.run_id, onnx_artifact, forest, tmp)
             if problem and flavor == "onnx":
                 raise ModelLoadError(f"{label}: {problem}")
 
@@ -419,8 +426,28 @@ def load_bundle(mlflow_client, name: str, version: str | int, *, flavor: str = "
         name=name, version=version, stage=stage, run_id=mv.run_id, threshold=threshold,
         threshold_method=mv.tags.get(THRESHOLD_METHOD_TAG) or meta.get("threshold_method"),
         flavor=chosen, parity_max_abs_diff=parity, onnx_problem=problem,
-        aliases=tuple(getattr(mv, "aliases", ()) or ()), _scorer=scorer,
+        aliases=tuple(getattr(mv, "aliases", ()) or ()), onnx_artifact=onnx_artifact, onnx_retryable=retryable,
+        _scorer=scorer,
     )
+
+
+def with_onnx(mlflow_client, bundle: ModelBundle) -> ModelBundle:
+    """Try a scikit-learn bundle's ONNX artifact again, as `load_bundle` does.
+
+    Returns:
+        The bundle with the ONNX flavor when the artifact now downloads and agrees with the forest;
+        else the bundle as it was, with the new `onnx_problem` and `onnx_retryable`. An ONNX
+        bundle comes back as it is.
+    """
+    if not isinstance(bundle._scorer, _SklearnScorer):
+        return bundle
+    with tempfile.TemporaryDirectory(prefix="fraud-model-") as tmp:
+        session, parity, problem, retryable = _load_onnx(mlflow_client, bundle.run_id, bundle.onnx_artifact,
+                                                         bundle._scorer.forest, tmp)
+    if session is None:
+        return dataclasses.replace(bundle, parity_max_abs_diff=parity, onnx_problem=problem, onnx_retryable=retryable)
+    return dataclasses.replace(bundle, flavor="onnx", parity_max_abs_diff=parity, onnx_problem=None,
+                               onnx_retryable=False, _scorer=_OnnxScorer(session))
 
 
 def _check_signature(label: str, mlmodel) -> None:
@@ -456,27 +483,30 @@ def _threshold(label: str, tags: dict, meta: dict) -> float:
     return value
 
 
-def _load_onnx(mlflow_client, run_id: str | None, meta: dict, forest, tmp: str):
-    """(session, parity, problem): a session at parity, or None and the reason it is not used."""
+def _load_onnx(mlflow_client, run_id: str | None, artifact: str, forest, tmp: str):
+    """(session, parity, problem, retryable): a session at parity, or None, the reason it is not
+    used, and whether another try may cure it (the download failed; not so a file that arrived and
+    is corrupt, of another model, or of another input shape)."""
     from mlflow.exceptions import MlflowException
 
-    artifact = meta.get("onnx_artifact") or ONNX_ARTIFACT
     if not run_id:
-        return None, None, "the version has no run, so no ONNX artifact"
+        return None, None, "the version has no run, so no ONNX artifact", False
     try:
         path = mlflow_client.download_artifacts(run_id, artifact, str(Path(tmp) / "onnx"))
-        session = onnx_session(Path(path).read_bytes())
-        parity = onnx_max_abs_diff(forest, session, probe_rows())
+        onnx_bytes = Path(path).read_bytes()
     except (MlflowException, OSError) as exc:
-        return None, None, f"ONNX artifact {artifact} is missing: {first_line(exc)}"
+        return None, None, f"ONNX artifact {artifact} is missing: {first_line(exc)}", True
+    try:
+        session = onnx_session(onnx_bytes)
+        parity = onnx_max_abs_diff(forest, session, probe_rows())
     except ModelLoadError as exc:
-        return None, None, f"ONNX artifact {artifact} is incompatible: {exc}"
+        return None, None, f"ONNX artifact {artifact} is incompatible: {exc}", False
     except Exception as exc:  # onnxruntime raises its own exception types for corrupt files
-        return None, None, f"ONNX artifact {artifact} cannot be loaded: {first_line(exc)}"
+        return None, None, f"ONNX artifact {artifact} cannot be loaded: {first_line(exc)}", False
     if not parity <= PARITY_TOLERANCE:
         return None, parity, (f"ONNX artifact {artifact} disagrees with the forest: max |Δp| = {parity:.3g} "
-                              f"> {PARITY_TOLERANCE:g} on the probe set")
-    return session, parity, None
+                              f"> {PARITY_TOLERANCE:g} on the probe set"), False
+    return session, parity, None, False
 
 
 

@@ -8,7 +8,8 @@ process), the values live in this object's own registry.
 Gauges say how they combine across workers: `fraud_model_info` counts the live workers serving each
 version (so a roll-over shows both versions for a moment), `fraud_model_loaded` and
 `fraud_registry_reachable` take the minimum over live workers (0 if any worker lacks a model or
-cannot reach the registry).
+cannot reach the registry), `fraud_model_onnx_retrying` the maximum (1 if any worker serves
+scikit-learn while it retries its version's ONNX artifact).
 """
 
 from __future__ import annotations
@@ -54,6 +55,10 @@ class Metrics:
         self.refused_version = Gauge("fraud_model_refused_version",
                                      "The newest version a worker refused to load (0: none).",
                                      multiprocess_mode="livemax", registry=r)
+        self.onnx_retrying = Gauge("fraud_model_onnx_retrying",
+                                   "1 while a live worker serves scikit-learn because its version's ONNX artifact "
+                                   "could not be downloaded, and retries it in the background.",
+                                   multiprocess_mode="livemax", registry=r)
         self.registry_reachable = Gauge("fraud_registry_reachable",
                                         "1 when every live worker reached the model registry at its last poll.",
                                         multiprocess_mode="livemin", registry=r)
@@ -66,6 +71,7 @@ class Metrics:
         self.registry_reachable.set(1)
         self.model_loaded.set(0)
         self.refused_version.set(0)
+        self.onnx_retrying.set(0)
         # Pre-create the label sets a dashboard expects, so they read 0 rather than absent.
         for decision in ("fraud", "legit"):
             self.predictions.labels(decision)

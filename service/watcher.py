@@ -14,6 +14,11 @@ once, so each is scored by exactly one version, and none fails during a swap.
 - No version yet: serve nothing (the app answers 503) until one is promoted.
 - A version that cannot be loaded (`ModelLoadError`): refuse it, keep the old model, report it in
   `status()`, the log and `fraud_model_refused_version`; retry it only after `refused_retry_seconds`.
+- A version whose ONNX artifact could not be downloaded (a registry or artifact store that failed
+  for a moment): serve it with scikit-learn, about a hundred times slower per row, and try the ONNX
+  artifact again in a background thread, with exponential backoff from `onnx_retry_seconds` up to
+  `onnx_retry_max_seconds`, until it loads; then swap in the ONNX flavor. Meanwhile `status()`
+  (so /ready) and the `fraud_model_onnx_retrying` gauge say so.
 """
 
 from __future__ import annotations
@@ -24,8 +29,10 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import tenacity
+
 from common import registry, settings
-from common.model import ModelBundle, ModelLoadError, load_bundle
+from common.model import ModelBundle, ModelLoadError, load_bundle, with_onnx
 from common.text import first_line
 from service.metrics import Metrics
 from service.scoring import ServingModel
@@ -37,11 +44,34 @@ class _NoVersion(Exception):
     """The registry answered, but names no version to serve."""
 
 
+class _OnnxNotYet(Exception):
+    """The ONNX artifact still could not be downloaded; another try may get it."""
+
+    def __init__(self, bundle: ModelBundle):
+        super().__init__(bundle.onnx_problem)
+        self.bundle = bundle
+
+
+class _Superseded(Exception):
+    """Another version is served now: its own load decides its flavor."""
+
+
 @dataclass(frozen=True)
 class Refusal:
     version: str
     error: str
     at: float
+
+
+@dataclass(frozen=True)
+class OnnxRetry:
+    """The served version's ONNX artifact, not loaded yet: why, tries so far (the load's included),
+    and when the next one starts (None once the retries ended without it)."""
+
+    version: str
+    problem: str
+    attempts: int
+    next_at: float | None
 
 
 class ModelWatcher:
@@ -50,7 +80,8 @@ class ModelWatcher:
     def __init__(self, metrics: Metrics, *, tracking_uri: Callable[[], str] = settings.tracking_uri,
                  model_name: str | None = None, model_uri: str | None = None, poll_seconds: float = 10.0,
                  threshold_override: float | None = None, refused_retry_seconds: float | None = None,
-                 loader: Callable[..., ModelBundle] = load_bundle):
+                 loader: Callable[..., ModelBundle] = load_bundle, onnx_retry_seconds: float = 1.0,
+                 onnx_retry_max_seconds: float = 300.0):
         self.metrics = metrics
         self._tracking_uri = tracking_uri
         self.model_name = model_name or settings.model_name()
@@ -59,6 +90,8 @@ class ModelWatcher:
         self.threshold_override = threshold_override
         self.refused_retry_seconds = refused_retry_seconds or max(60.0, 6 * poll_seconds)
         self._loader = loader
+        self.onnx_retry_seconds = onnx_retry_seconds
+        self.onnx_retry_max_seconds = onnx_retry_max_seconds
 
         # Read by request threads without a lock: each is replaced whole, never mutated.
         self.current: ServingModel | None = None
@@ -68,6 +101,7 @@ class ModelWatcher:
         self.target_version: str | None = None
         self.problem: str | None = None
         self.refused: Refusal | None = None
+        self.onnx_retry: OnnxRetry | None = None
 
         self._client = None
         self._client_uri: str | None = None
@@ -212,6 +246,74 @@ class ModelWatcher:
                  bundle.name, bundle.version, bundle.flavor, threshold, source,
                  f"version {old.version}" if old else "nothing", seconds,
                  f"; ONNX not used: {bundle.onnx_problem}" if bundle.onnx_problem else "")
+        if bundle.onnx_retryable:
+            self._retry_onnx_in_background(self.current)
+        else:
+            self.onnx_retry = None
+            self.metrics.onnx_retrying.set(0)
+
+    # --- the ONNX flavor, tried again -----------------------------------------------------------------
+
+    def _retry_onnx_in_background(self, served: ServingModel) -> None:
+        bundle = served.bundle
+        self.onnx_retry = OnnxRetry(bundle.version, bundle.onnx_problem, 1, time.time() + self.onnx_retry_seconds)
+        self.metrics.onnx_retrying.set(1)
+        log.warning("%s version %s is served with scikit-learn until its ONNX artifact loads; retrying it in the "
+                    "background: %s", bundle.name, bundle.version, bundle.onnx_problem)
+        threading.Thread(target=self._retry_onnx, args=(served,), name="onnx-retry", daemon=True).start()
+
+    def _retry_onnx(self, served: ServingModel) -> None:
+        """Try the served version's ONNX artifact until it loads, the version is replaced, or the
+        watcher stops; then swap in the ONNX flavor."""
+        version = served.version
+
+        def attempt() -> ModelBundle:
+            if self.current is not served:
+                raise _Superseded
+            bundle = with_onnx(self._registry_client(), served.bundle)
+            if bundle.onnx_retryable:
+                raise _OnnxNotYet(bundle)
+            return bundle
+
+        def before_sleep(state: tenacity.RetryCallState) -> None:
+            self.onnx_retry = OnnxRetry(version, str(state.outcome.exception()), state.attempt_number + 1,
+                                        time.time() + state.next_action.sleep)
+
+        retrying = tenacity.Retrying(
+            wait=tenacity.wait_exponential(multiplier=self.onnx_retry_seconds, max=self.onnx_retry_max_seconds),
+            retry=tenacity.retry_if_exception_type(_OnnxNotYet), stop=tenacity.stop_when_event_set(self._stop),
+            sleep=self._stop.wait, before_sleep=before_sleep, reraise=True)
+        try:
+            if self._stop.wait(self.onnx_retry_seconds):  # the load just failed: wait before the first retry
+                return
+            bundle = retrying(attempt)
+        except (_Superseded, _OnnxNotYet):  # another version is served, or the watcher stopped
+            return
+        except Exception:  # never let the thread die silently; the next version's load starts over
+            log.exception("retrying the ONNX artifact of version %s failed unexpectedly", version)
+            self._onnx_given_up(served, "the retries failed unexpectedly; see the log")
+            return
+        attempts = retrying.statistics.get("attempt_number", 0) + 1
+        with self._check_lock:  # not in the middle of a poll's swap
+            if self.current is not served:
+                return
+            if bundle.flavor != "onnx":
+                self._onnx_given_up(served, bundle.onnx_problem, attempts)
+                return
+            self.current = ServingModel(bundle, served.threshold, served.threshold_source, time.time())
+            self.metrics.model_info.labels(bundle.name, bundle.version, served.bundle.flavor).set(0)
+            self.metrics.model_info.labels(bundle.name, bundle.version, bundle.flavor).set(1)
+            self.onnx_retry = None
+            self.metrics.onnx_retrying.set(0)
+        log.info("%s version %s is served with ONNX now, after %d tries of its artifact", bundle.name, version,
+                 attempts)
+
+    def _onnx_given_up(self, served: ServingModel, problem: str, attempts: int | None = None) -> None:
+        previous = self.onnx_retry
+        self.onnx_retry = OnnxRetry(served.version, problem, attempts or (previous.attempts if previous else 1), None)
+        self.metrics.onnx_retrying.set(0)
+        log.error("%s version %s stays on scikit-learn: its ONNX artifact cannot be used: %s", served.name,
+                  served.version, problem)
 
     def _describe_current(self) -> str:
         current = self.current
@@ -221,7 +323,7 @@ class ModelWatcher:
 
     def status(self) -> dict:
         """Details for /ready: the loaded model, the registry, the last refused version."""
-        current, refused = self.current, self.refused
+        current, refused, onnx = self.current, self.refused, self.onnx_retry
         return {
             "model": None if current is None else {
                 "name": current.name, "version": current.version, "flavor": current.bundle.flavor,
@@ -235,4 +337,7 @@ class ModelWatcher:
             "problem": self.problem,
             "refused": None if refused is None else {"version": refused.version, "error": refused.error,
                                                       "at": refused.at},
+            "onnx": None if onnx is None else {"version": onnx.version, "problem": onnx.problem,
+                                               "attempts": onnx.attempts, "retrying": onnx.next_at is not None,
+                                               "next_attempt_at": onnx.next_at},
         }

@@ -1,5 +1,5 @@
 """How the served model follows the registry: promotion, hot swap under load, no model yet, an
-unreachable registry, and a version that cannot be loaded."""
+unreachable registry, a version that cannot be loaded, and an ONNX artifact that failed to download."""
 
 from __future__ import annotations
 
@@ -7,11 +7,13 @@ import logging
 import shutil
 import threading
 import time
+from pathlib import Path
+from urllib.parse import urlparse
 
 import numpy as np
 import pytest
 
-from common.model import load_bundle
+from common.model import ONNX_ARTIFACT, load_bundle
 from common.registry import move_to_stage
 from common.store import RequestStore
 from service.app import service_of
@@ -171,3 +173,41 @@ def test_a_model_uri_naming_nothing_leaves_the_service_unready_with_the_reason(m
     assert body["status"] == "not_ready"
     assert body["problem"].startswith("MODEL_URI models:/fraud-detector@no-such-alias names no model version")
     assert body["registry"]["target"] == "models:/fraud-detector@no-such-alias"
+
+
+def test_an_onnx_artifact_that_failed_to_download_is_retried_in_the_background_until_it_serves(
+        make_app, make_mlflow_store, train_tiny_model, sample_rows):
+    # A model of its own: this test takes its ONNX artifact away for a moment.
+    store = make_mlflow_store()
+    model = train_tiny_model(store)
+    move_to_stage(store.client(), model.name, model.version, "Production")
+    artifact_root = urlparse(store.client().get_run(model.run_id).info.artifact_uri).path
+    onnx = Path(artifact_root) / ONNX_ARTIFACT
+    hidden = onnx.with_name("hidden.onnx")
+    onnx.rename(hidden)  # the artifact store fails the worker's first download
+    try:
+        client = make_app(tracking_uri=store.tracking_uri, model_name=model.name).test_client()
+        ready = client.get("/ready").get_json()
+    finally:
+        hidden.rename(onnx)
+    assert ready["status"] == "ready" and ready["model"]["flavor"] == "sklearn"
+    assert ready["onnx"]["retrying"] is True and ready["onnx"]["attempts"] >= 1
+    assert "ONNX artifact onnx/model.onnx is missing" in ready["onnx"]["problem"]
+    samples = metrics_of(client)
+    assert samples[("fraud_model_onnx_retrying", ())] == 1
+    assert samples[("fraud_model_info", (("flavor", "sklearn"), ("model_name", model.name),
+                                         ("model_version", model.version)))] == 1
+    sklearn_scores = client.post("/predict", json={"data": sample_rows[:5]}, headers=AUTH).get_json()
+
+    wait_for(lambda: client.get("/version").get_json()["flavor"] == "onnx", "the ONNX flavor")
+    ready = client.get("/ready").get_json()
+    assert ready["model"]["flavor"] == "onnx" and ready["onnx"] is None
+    samples = metrics_of(client)
+    assert samples[("fraud_model_onnx_retrying", ())] == 0
+    assert samples[("fraud_model_info", (("flavor", "sklearn"), ("model_name", model.name),
+                                         ("model_version", model.version)))] == 0
+    assert samples[("fraud_model_info", (("flavor", "onnx"), ("model_name", model.name),
+                                         ("model_version", model.version)))] == 1
+    onnx_scores = client.post("/predict", json={"data": sample_rows[:5]}, headers=AUTH).get_json()
+    assert onnx_scores["model_version"] == sklearn_scores["model_version"] == model.version
+    np.testing.assert_allclose(onnx_scores["fraud_probability"], sklearn_scores["fraud_probability"], atol=1e-5)

@@ -16,12 +16,14 @@ from sklearn.ensemble import RandomForestClassifier
 from common import registry
 from common.model import (
     ONNX_ARTIFACT,
+    PARITY_TOLERANCE,
     SKOPS_TRUSTED_TYPES,
     ModelLoadError,
     load_bundle,
     load_bundle_from_uri,
     probe_rows,
     sklearn_proba,
+    with_onnx,
 )
 from common.schema import FEATURES
 
@@ -147,6 +149,32 @@ def test_missing_onnx_falls_back_to_sklearn_unless_onnx_is_required(own_model):
     assert bundle.predict_proba(X).shape == (16,)
     with pytest.raises(ModelLoadError, match="ONNX artifact"):
         load_bundle(client, own_model.name, own_model.version, flavor="onnx")
+
+
+def test_an_onnx_artifact_that_failed_to_download_is_tried_again_on_the_loaded_bundle(own_model):
+    onnx = _run_artifact_file(own_model.store, own_model.run_id, ONNX_ARTIFACT)
+    hidden = onnx.with_name("hidden.onnx")
+    onnx.rename(hidden)
+    client = own_model.store.client()
+    try:
+        bundle = load_bundle(client, own_model.name, own_model.version)
+        assert (bundle.flavor, bundle.onnx_retryable) == ("sklearn", True)
+        still = with_onnx(client, bundle)
+        assert (still.flavor, still.onnx_retryable) == ("sklearn", True) and "missing" in still.onnx_problem
+    finally:
+        hidden.rename(onnx)
+    upgraded = with_onnx(client, bundle)
+    assert (upgraded.flavor, upgraded.onnx_retryable, upgraded.onnx_problem) == ("onnx", False, None)
+    assert upgraded.parity_max_abs_diff <= PARITY_TOLERANCE
+    X = probe_rows(16)
+    np.testing.assert_allclose(upgraded.predict_proba(X), bundle.predict_proba(X), atol=PARITY_TOLERANCE)
+    assert with_onnx(client, upgraded) is upgraded
+
+
+def test_an_onnx_artifact_that_arrives_corrupt_is_not_tried_again(own_model):
+    _run_artifact_file(own_model.store, own_model.run_id, ONNX_ARTIFACT).write_bytes(b"not an onnx model")
+    bundle = load_bundle(own_model.store.client(), own_model.name, own_model.version)
+    assert (bundle.flavor, bundle.onnx_retryable) == ("sklearn", False)
 
 
 def test_corrupt_onnx_falls_back_to_sklearn_with_the_reason(own_model):
