@@ -257,6 +257,20 @@ def _json_body() -> object:
     charset = req.mimetype_params.get("charset")
     if charset is not None and charset.lower().replace("-", "") != "utf8":
         raise ApiError("unsupported_media_type", f"charset {charset} is not accepted; JSON must be UTF-8")
+    body = _body_bytes(req)
+    try:
+        return parsing.parse_json(body)
+    except ApiError:
+        log.debug("request %s body (first 512 bytes): %r", req.request_id, body[:512])
+        raise
+
+
+def _body_bytes(req: Request) -> bytes:
+    """The whole request body, at most MAX_BODY_BYTES.
+
+    Raises:
+        ApiError: request_timeout; werkzeug raises 413 for a large body.
+    """
     try:
         body = req.get_data(cache=False)
     except ClientDisconnected as exc:
@@ -272,11 +286,7 @@ def _json_body() -> object:
         # A chunked body has no Content-Length to refuse up front: werkzeug stops reading at the
         # limit and returns the start, which would read as malformed JSON instead of too large.
         raise RequestEntityTooLarge()
-    try:
-        return parsing.parse_json(body)
-    except ApiError:
-        log.debug("request %s body (first 512 bytes): %r", req.request_id, body[:512])
-        raise
+    return body
 
 
 # --- endpoints ------------------------------------------------------------------------------------------
@@ -324,8 +334,8 @@ def _register_routes(app: Flask, service: Service) -> None:
             return parser(payload, max_rows=cfg.max_rows, scaler=service.scaler)
         except ApiError as error:
             if error.status < 500 and log.isEnabledFor(logging.DEBUG):
-                log.debug("request %s payload rejected (first 512 bytes): %r", request.request_id,
-                          orjson.dumps(payload)[:512])
+                raw = payload if isinstance(payload, bytes) else orjson.dumps(payload)
+                log.debug("request %s payload rejected (first 512 bytes): %r", request.request_id, raw[:512])
             raise
 
     @route("/predict", "predict", ["POST"], token=True)
@@ -344,8 +354,10 @@ def _register_routes(app: Flask, service: Service) -> None:
 
     @route("/invocations", "invocations", ["POST"], token=True)
     def invocations():
-        """MLflow scoring protocol; answers `{"predictions": [fraud probability per row]}`."""
-        batch = parse_or_log(parsing.invocations_batch, _json_body())
+        """MLflow scoring protocol (JSON, CSV or Parquet); answers `{"predictions": [fraud probability per row]}`."""
+        req = request._get_current_object()
+        media_type = parsing.invocations_media_type(req.mimetype, req.mimetype_params)
+        batch = parse_or_log(functools.partial(parsing.invocations_body, media_type), _body_bytes(req))
         predictions, _ = score_and_log(batch)
         return _json({"predictions": predictions.probabilities})
 
@@ -377,6 +389,9 @@ def _register_routes(app: Flask, service: Service) -> None:
     def health():
         """Liveness: the process answers."""
         return _json({"status": "ok"})
+
+    # MLflow's scoring server answers liveness on /ping; its clients (ScoringServerClient.wait_server_ready) call it.
+    route("/ping", "ping", ["GET"])(health)
 
     @route("/ready", "ready", ["GET"])
     def ready():
