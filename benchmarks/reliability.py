@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import http.client
 import json
 import os
@@ -61,6 +62,7 @@ SLACK_SECONDS = 120.0
 # No process started here may reach beyond loopback: MLflow would otherwise send usage telemetry
 # from every process that imports it (it stays quiet on its own only under pytest or in CI).
 OFFLINE = {"MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true"}
+SCHEMATHESIS_HOOKS = REPO_ROOT / "tests" / "helpers" / "schemathesis_hooks.py"
 GUNICORN = [sys.executable, "-m", "gunicorn", "-c", "service/gunicorn.conf.py", "service.app:create_app()"]
 # The request log's retry budget on a locked SQLite file: each attempt waits out the busy timeout,
 # with 50 ms and 100 ms of backoff between attempts (common/store.py, service/request_log.py).
@@ -1110,11 +1112,32 @@ class Hostile:
     statuses: frozenset[int]
     chunked: bool = False
     declared_length: int | None = None  # a Content-Length larger than what is sent (nothing is)
+    content_type: str = "application/json"
 
 
 def _rows_body(n_rows: int, width: int = len(FEATURES)) -> bytes:
     row = b"[" + b",".join([b"0.5"] * width) + b"]"
     return b'{"data":[' + b",".join([row] * n_rows) + b"]}"
+
+
+def _csv_body(n_rows: int) -> bytes:
+    return ",".join(FEATURES).encode() + b"\n" + (b",".join([b"0"] * len(FEATURES)) + b"\n") * n_rows
+
+
+@functools.cache
+def _parquet_body(kind: str) -> bytes:
+    """A small Parquet file that would decode to about a gigabyte, past PEAK_GROWTH_MB: 4,000,000 rows of
+    the 29 features, or one row whose V1 is a 256 MB string."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    if kind == "rows":
+        columns = dict.fromkeys(FEATURES, pa.nulls(4_000_000, pa.float64()).fill_null(0.0))
+    else:
+        columns = {**dict.fromkeys(FEATURES, pa.array([0.0])), "V1": pa.array(["A" * (256 << 20)], pa.large_string())}
+    sink = pa.BufferOutputStream()
+    pq.write_table(pa.table(columns), sink, compression="zstd")
+    return sink.getvalue().to_pybytes()
 
 
 HOSTILE = (
@@ -1143,6 +1166,14 @@ HOSTILE = (
     Hostile("a 3 MB string value", "/predict", lambda: b'{"data":"' + b"A" * (3 << 20) + b'"}', frozenset({400})),
     Hostile("number too large to be finite", "/predict",
             lambda: b'{"data":[[' + b",".join([b"1e400"] * len(FEATURES)) + b"]]}", frozenset({400})),
+    Hostile("CSV header of 1,300,000 columns", "/invocations", lambda: b"V1," * 1_300_000 + b"V1\n",
+            frozenset({400}), content_type="text/csv"),
+    Hostile("CSV of 69,000 rows (4 MB)", "/invocations", lambda: _csv_body(69_000), frozenset({400}),
+            content_type="text/csv"),
+    Hostile("Parquet of 4,000,000 rows", "/invocations", lambda: _parquet_body("rows"), frozenset({400}),
+            content_type="application/vnd.apache.parquet"),
+    Hostile("Parquet with a 256 MB string", "/invocations", lambda: _parquet_body("strings"), frozenset({400}),
+            content_type="application/vnd.apache.parquet"),
 )
 
 
@@ -1154,7 +1185,7 @@ def send_hostile(url: str, item: Hostile, timeout: float = 60.0) -> tuple[int | 
     """
     host, port = url.removeprefix("http://").split(":")
     body = item.body()
-    head = [f"POST {item.path} HTTP/1.1", f"Host: {host}:{port}", "Content-Type: application/json",
+    head = [f"POST {item.path} HTTP/1.1", f"Host: {host}:{port}", f"Content-Type: {item.content_type}",
             f"Authorization: Bearer {TOKEN}", "Connection: close"]
     if item.chunked:
         head.append("Transfer-Encoding: chunked")
@@ -1255,8 +1286,9 @@ def fuzz_scenario(service: Service, workdir: Path, *, max_examples: int, phases:
                "--header", f"Authorization: Bearer {TOKEN}", "--max-examples", str(max_examples),
                "--seed", str(seed), "--workers", "1", "--phases", ",".join(phases), "--request-timeout", "30",
                "--report", "json", "--report-json-path", str(report)]
-    done = subprocess.run(command, cwd=workdir, env=processes.clean_env(NO_COLOR="1", **OFFLINE), capture_output=True,
-                          text=True, timeout=timeout, check=False)
+    # The hooks teach schemathesis to send /invocations' CSV and Parquet tables (see the module).
+    env = processes.clean_env(NO_COLOR="1", SCHEMATHESIS_HOOKS=str(SCHEMATHESIS_HOOKS), **OFFLINE)
+    done = subprocess.run(command, cwd=workdir, env=env, capture_output=True, text=True, timeout=timeout, check=False)
     output = done.stdout[-6000:] + done.stderr[-2000:]
     if not report.exists():
         result.expect(False, f"schemathesis wrote no report (exit {done.returncode}):\n{output}")
