@@ -363,9 +363,9 @@ def parquet_batch(body: bytes, *, max_rows: int, scaler: ScalerSource) -> Batch:
     if n_rows > max_rows:
         raise ApiError("too_many_rows", f"the Parquet table has {n_rows} rows; at most {max_rows} (MAX_ROWS) are "
                                         "accepted per request")
-    if n_rows == 0:
+    if n_rows < 1:
         raise invalid("the Parquet table has no rows; send at least one row")
-    index = {c for c in (schema.pandas_metadata or {}).get("index_columns", []) if isinstance(c, str)}
+    index = _pandas_index_columns(schema)
     columns = _column_names([name for name in schema.names if name not in index], "the Parquet table")
     for name in columns:
         kind = schema.field(name).type
@@ -388,6 +388,17 @@ def parquet_batch(body: bytes, *, max_rows: int, scaler: ScalerSource) -> Batch:
                                         "are accepted per request")
     _check_range(X, lambda i, j: f"row {i} column {columns[j]!r}")
     return _reorder(X, columns, scaler)
+
+
+def _pandas_index_columns(schema) -> set[str]:
+    """The columns pandas' `to_parquet` stored the DataFrame's index in, from the note it leaves in the
+    schema; none when the note is missing or malformed (an index column then counts as unknown)."""
+    try:
+        note = schema.pandas_metadata
+    except ValueError:  # the note is not JSON
+        return set()
+    index = note.get("index_columns") if isinstance(note, dict) else None
+    return {c for c in index if isinstance(c, str)} if isinstance(index, list) else set()
 
 
 def _not_numbers(values: Sequence, where: Callable[[int], str]) -> ApiError:

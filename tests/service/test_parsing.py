@@ -349,6 +349,17 @@ def test_a_parquet_null_is_refused_with_its_row():
     assert error.message == "row 1 column 'V3' is null, expected a finite number"
 
 
+@pytest.mark.parametrize("note", [b"{not json", b"[1]", b'{"index_columns": 7}', b'{"index_columns": [{"a": 1}]}'])
+def test_a_malformed_pandas_note_in_a_parquet_file_is_ignored(note):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pa.table(parquet_columns()).replace_schema_metadata({b"pandas": note})
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink)
+    assert parquet_batch(sink.getvalue().to_pybytes()).X.tolist() == [ROW]
+
+
 def test_a_parquet_file_declaring_millions_of_rows_is_refused_from_its_footer():
     import pyarrow as pa
 
