@@ -29,21 +29,14 @@ wsgi_app = "service.app:create_app()"
 bind = [f"{settings.host()}:{settings.port()}"]
 workers = settings.web_concurrency()
 threads = settings.web_threads()
-# WEB_THREADS=1 (default): service/worker.py's EventLoopWorker. Connections wait in a poller while
-# they are idle, as with gthread, and a readable one is served at once in the worker's own thread.
-# Measured with benchmarks/serve.py's load (8 connections, single rows, four interleaved rounds):
-# 1,856 req/s, p99 11.4 ms; gthread with 4 threads 1,222 req/s, p99 22.2 ms; sync workers 1,547
-# req/s, p99 11.0 ms. A sync worker also waits for an idle connection without a limit: two of them
-# stopped a 2-sync-worker service (no /health answer in 20 s). WEB_THREADS>1: gthread, for an app
-# whose requests wait on I/O long enough for threads to pay.
+# WEB_THREADS=1 (default): service/worker.py's EventLoopWorker, which serves a readable connection at
+# once in its own thread, without gthread's hand-offs to a pool or a sync worker's unbounded wait on
+# idle ones: docs/decisions/001-event-loop-worker.md. WEB_THREADS>1: gthread.
 worker_class = "service.worker.EventLoopWorker" if threads == 1 else "gthread"
 # Read here so that a bad value stops the server at start; each EventLoopWorker reads it again.
 _client_timeout = settings.client_timeout()
-# A kept-alive connection stays on the worker that accepted it. With a few busy connections (a
-# client's pool, a proxy's upstream pool, wrk's 8) that split is a lottery: all 8 on one worker
-# halved throughput (1,270 vs 2,560 req/s when split 4/4). Closing each connection after
-# KEEPALIVE_REQUESTS requests (the response says `Connection: close`, as nginx's keepalive_requests
-# does) makes clients reconnect, and each reconnect goes to whichever worker accepts it first.
+# Closing a connection after KEEPALIVE_REQUESTS requests spreads busy kept-alive connections over the
+# workers as their clients reconnect: docs/decisions/001-event-loop-worker.md.
 _keepalive_requests = settings.keepalive_requests()
 preload_app = False
 timeout = 30

@@ -1,12 +1,8 @@
 """The service's default gunicorn worker: requests served on the worker's own event loop.
 
-gunicorn's gthread worker keeps connections in a poller (selectors) and hands each request to a
-thread pool; the pool thread hands the connection back through a pipe. That is two thread hand-offs
-per request, and with four threads per worker every request also queues for the GIL behind the
-others. Measured here (benchmarks/serve.py load, 8 connections, 2 workers, four interleaved
-rounds): 1,222 req/s, p99 22.2 ms, 10 context switches and 1.39 ms of CPU per request. A sync
-worker avoids the hand-offs but serves one connection at a time and waits for it without a limit,
-so two idle connections stop a two-worker service.
+gunicorn's gthread worker hands every request from its poller to a thread pool and back, and a sync
+worker waits for an idle connection without a limit; serving a readable connection at once in the
+worker's own thread avoids both (the figures: docs/decisions/001-event-loop-worker.md).
 
 `EventLoopWorker` keeps gthread's poller and drops its pool:
 
@@ -14,8 +10,6 @@ so two idle connections stop a two-worker service.
   requests (for `keepalive` seconds, as in gthread), so idle connections cost nothing;
 - a readable connection is served at once, in the worker's main thread, and goes back to the
   poller if it stays open.
-
-Same load: 1,856 req/s, p99 11.4 ms, 1.45 context switches and 0.97 ms of CPU per request.
 
 The worker serves one request at a time, so a client that stops sending in the middle of a request,
 or stops reading the response, would hold it. Its socket therefore has a timeout (CLIENT_TIMEOUT,
