@@ -19,7 +19,7 @@ from werkzeug.exceptions import ClientDisconnected, HTTPException, RequestEntity
 from common import settings
 from common.features import AmountScaler, FeatureConfigError, load_feature_config
 from common.store import StoreUnavailable
-from service import parsing
+from service import parsing, worker_choice
 from service.auth import Tokens
 from service.errors import ApiError, error_body
 from service.metrics import Metrics
@@ -381,7 +381,8 @@ def _register_routes(app: Flask, service: Service) -> None:
     @route("/ready", "ready", ["GET"])
     def ready():
         """Readiness: 200 once this worker has a model loaded, else 503; details either way."""
-        details = {**service.watcher.status(), "request_log": service.request_log.status()}
+        details = {**service.watcher.status(), "request_log": service.request_log.status(),
+                   "worker": worker_choice.describe()}
         if details["model"] is None:
             message = service.not_ready_reason()
             return _json({"status": "not_ready", "error": {"code": "model_unavailable", "message": message},
