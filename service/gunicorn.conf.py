@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 from common import settings
-from service import worker_choice
+from service import connection, worker_choice
 
 wsgi_app = "service.app:create_app()"
 bind = [f"{settings.host()}:{settings.port()}"]
@@ -107,9 +107,11 @@ def _import_libraries(server) -> None:
 
 
 def pre_request(worker, req):
-    """Close the client's connection after this response once it has carried KEEPALIVE_REQUESTS."""
+    """Close the client's connection after this response once it has carried KEEPALIVE_REQUESTS;
+    let the app close it too (service/connection.py)."""
     if _keepalive_requests and req.req_number >= _keepalive_requests:
         req.must_close = True
+    connection.serving(req)
 
 
 def post_fork(server, worker):
