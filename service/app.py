@@ -19,7 +19,7 @@ from werkzeug.exceptions import ClientDisconnected, HTTPException, RequestEntity
 from common import settings
 from common.features import AmountScaler, FeatureConfigError, load_feature_config
 from common.store import StoreUnavailable
-from service import parsing
+from service import connection, parsing, worker_choice
 from service.auth import Tokens
 from service.errors import ApiError, error_body
 from service.metrics import Metrics
@@ -188,16 +188,21 @@ def service_of(app: Flask) -> Service:
 
 def _register_hooks(app: Flask, service: Service) -> None:
     metrics = service.metrics
+    max_body_bytes = service.config.max_body_bytes
 
     @app.after_request
     def finish_request(response: Response) -> Response:
         req = request._get_current_object()  # one proxy lookup instead of one per attribute
         elapsed = time.perf_counter() - req.started
         rule = req.url_rule
-        metrics.observe_latency(rule.rule if rule is not None else "unmatched", response.status_code, elapsed)
+        status = response.status_code
+        metrics.observe_latency(rule.rule if rule is not None else "unmatched", status, elapsed)
         headers = response.headers
         headers["Server-Timing"] = f"app;dur={elapsed * 1000:.3f}"
         headers["X-Request-ID"] = req.request_id
+        # A POST view that succeeds has read its whole body; any other answer may have left some.
+        if status >= 400 or req.method != "POST":
+            _settle_connection(req, status, max_body_bytes, metrics)
         return response
 
     @app.errorhandler(ApiError)
@@ -225,6 +230,17 @@ def _register_hooks(app: Flask, service: Service) -> None:
         log.exception("request %s %s %s failed", request.request_id, request.method, request.path)
         return _error_response(metrics, 500, "internal_error",
                                f"internal error; the log has details under request id {request.request_id}")
+
+
+def _settle_connection(req: ServiceRequest, status: int, max_body_bytes: int, metrics: Metrics) -> None:
+    """Read the body this answer left unread, or close the connection after it (service/connection.py)."""
+    outcome = connection.settle(req.environ, status, max_body_bytes)
+    if outcome is None:
+        return
+    metrics.unread_bodies.labels(outcome).inc()
+    if outcome != connection.DRAINED:
+        log.info("request %s %s %s -> %d: the connection closes after this answer (unread body: %s)",
+                 req.request_id, req.method, req.path, status, outcome)
 
 
 def _error_response(metrics: Metrics, status: int, code: str, message: str, headers: dict | None = None) -> Response:
@@ -381,7 +397,8 @@ def _register_routes(app: Flask, service: Service) -> None:
     @route("/ready", "ready", ["GET"])
     def ready():
         """Readiness: 200 once this worker has a model loaded, else 503; details either way."""
-        details = {**service.watcher.status(), "request_log": service.request_log.status()}
+        details = {**service.watcher.status(), "request_log": service.request_log.status(),
+                   "worker": worker_choice.describe()}
         if details["model"] is None:
             message = service.not_ready_reason()
             return _json({"status": "not_ready", "error": {"code": "model_unavailable", "message": message},

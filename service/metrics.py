@@ -26,6 +26,7 @@ from prometheus_client import (
 )
 
 from common import settings
+from service import connection
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 PROBABILITY_BUCKETS = (0.01, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0)
@@ -63,6 +64,10 @@ class Metrics:
         self.logged_rows = Counter("fraud_request_log_rows", "Rows committed to the request log.", registry=r)
         self.feedback = Counter("fraud_feedback_labels", "Feedback labels, by result (updated or unknown).",
                                 ["result"], registry=r)
+        self.unread_bodies = Counter("fraud_unread_bodies",
+                                     "Request bodies an answer left unread (401, 404, 413, 415...), by outcome: "
+                                     "drained before the answer, or the connection closed after it (too_large, "
+                                     "too_slow, failed).", ["outcome"], registry=r)
         self.registry_reachable.set(1)
         self.model_loaded.set(0)
         self.refused_version.set(0)
@@ -73,6 +78,8 @@ class Metrics:
             self.reloads.labels(result)
         for result in ("updated", "unknown"):
             self.feedback.labels(result)
+        for outcome in connection.OUTCOMES:
+            self.unread_bodies.labels(outcome)
         self._fraud = self.predictions.labels("fraud")
         self._legit = self.predictions.labels("legit")
         self._latency_children: dict[tuple[str, int], Histogram] = {}

@@ -168,7 +168,7 @@ def _schemas(max_rows: int) -> dict:
         },
         "ReadyResponse": {
             "type": "object",
-            "required": ["status", "model", "registry", "problem", "refused", "request_log"],
+            "required": ["status", "model", "registry", "problem", "refused", "request_log", "worker"],
             "properties": {
                 "status": {"type": "string", "enum": ["ready", "not_ready"]},
                 "error": _ref("ErrorDetail"),
@@ -200,6 +200,16 @@ def _schemas(max_rows: int) -> dict:
                     "type": "object", "required": ["location", "last_error", "last_error_at"],
                     "properties": {"location": {"type": "string"}, "last_error": {"type": ["string", "null"]},
                                    "last_error_at": {"type": ["number", "null"]}},
+                },
+                "worker": {
+                    "type": "object", "required": ["class", "fallback_reason"],
+                    "properties": {
+                        "class": {"type": ["string", "null"],
+                                  "description": "The gunicorn worker class serving; null outside gunicorn."},
+                        "fallback_reason": {"type": ["string", "null"],
+                                            "description": "Why gunicorn's stock gthread worker serves instead of "
+                                                           "the event-loop worker (WEB_WORKER)."},
+                    },
                 },
             },
         },
