@@ -152,6 +152,12 @@ def drift_reference_path() -> Path:
     return Path(_path_or_url(read_str("DRIFT_REFERENCE") or str(DATA_DIR / "drift_reference.parquet")))
 
 
+def performance_config_path() -> Path:
+    """PERFORMANCE_CONFIG; the performance check's maturity window, margins and evidence thresholds
+    (default data/performance_config.json)."""
+    return Path(_path_or_url(read_str("PERFORMANCE_CONFIG") or str(DATA_DIR / "performance_config.json")))
+
+
 def promotion_config_path() -> Path:
     """PROMOTION_CONFIG; the promotion gate's margins and quality floor (default data/promotion_config.json)."""
     return Path(_path_or_url(read_str("PROMOTION_CONFIG") or str(DATA_DIR / "promotion_config.json")))
@@ -176,6 +182,12 @@ def api_tokens() -> tuple[str, ...]:
         except OSError as exc:
             raise SettingsError(f"API_TOKEN_FILE={token_file!r} cannot be read: {exc.strerror}") from None
     return tuple(dict.fromkeys(t for t in tokens if t))
+
+
+def shadow() -> bool:
+    """SHADOW; on (default): each request is also scored by the registry's challenger (Staging) version,
+    logged beside the champion's score; off: no challenger is loaded."""
+    return read_bool("SHADOW", True)
 
 
 def model_poll_seconds() -> float:

@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
+from typing import BinaryIO
 
 from common import settings
 
@@ -63,7 +65,7 @@ def close_after_response() -> bool:
     return True
 
 
-def settle(environ: dict, status: int, max_bytes: int) -> str | None:
+def settle(environ: dict, status: int, max_bytes: int, body: Callable[[], BinaryIO] | None = None) -> str | None:
     """Leave the connection usable after an answer that may not have read the request's body.
 
     Call it before the answer is sent. It reads and discards what is left of the body, or closes
@@ -73,6 +75,9 @@ def settle(environ: dict, status: int, max_bytes: int) -> str | None:
         environ: the request's WSGI environ.
         status: the answer's status.
         max_bytes: MAX_BODY_BYTES; a longer body is not read.
+        body: gives the request's body stream as the app reads it (werkzeug's, which stops at the end of
+            the body and knows what the app has read already); default `wsgi.input`, which under
+            gunicorn does both, but under a plain WSGI server may read on into the next request.
 
     Returns:
         None when nothing was left (no body, or the app read it), DRAINED when the rest was read
@@ -89,20 +94,20 @@ def settle(environ: dict, status: int, max_bytes: int) -> str | None:
     elif not chunked and int(declared) > max_bytes:
         outcome = TOO_LARGE
     else:
-        outcome = _drain(environ, max_bytes, min(DRAIN_SECONDS, settings.client_timeout()))
+        stream = body() if body is not None else environ["wsgi.input"]
+        outcome = _drain(environ, stream, max_bytes, min(DRAIN_SECONDS, settings.client_timeout()))
     if outcome not in (None, DRAINED):
         close_after_response()
     return outcome
 
 
-def _drain(environ: dict, max_bytes: int, seconds: float) -> str | None:
+def _drain(environ: dict, stream: BinaryIO, max_bytes: int, seconds: float) -> str | None:
     """Read the body to its end within `seconds` and `max_bytes` (the app may have read some of it).
 
     Under gunicorn the socket's timeout bounds each wait for data by the time left, so a client that
     sends nothing is left at the deadline; one that trickles its body a few bytes at a time can
     stretch it, as it can with any body the app reads (a buffering proxy in front ends both).
     """
-    stream = environ["wsgi.input"]
     sock = environ.get("gunicorn.socket")
     previous = sock.gettimeout() if sock is not None else None
     deadline = time.monotonic() + seconds

@@ -211,6 +211,12 @@ def _schemas(max_rows: int) -> dict:
                                                            "the event-loop worker (WEB_WORKER)."},
                     },
                 },
+                "role": {"type": "string", "enum": ["champion"]},
+                "challenger": {"oneOf": [{"type": "null"}, {
+                    "type": "object", "required": ["role", "model", "registry", "problem", "refused"],
+                    "description": "The Staging version this worker scores requests with in the shadow, in the "
+                                   "same shape as the champion's fields; null when SHADOW=off or MODEL_URI is set.",
+                }]},
             },
         },
         "VersionResponse": {
@@ -226,6 +232,13 @@ def _schemas(max_rows: int) -> dict:
                 "run_id": {"type": ["string", "null"]},
                 "flavor": {"type": "string", "enum": ["onnx", "sklearn"]},
                 "loaded_at": {"type": "number", "description": "Unix time the worker loaded it."},
+                "challenger": {"oneOf": [{"type": "null"}, {
+                    "type": "object",
+                    "required": ["model_name", "model_version", "stage", "threshold", "run_id", "flavor", "loaded_at"],
+                    "description": "The Staging version that scores every request in the shadow; its scores are "
+                                   "logged, never answered.",
+                }]},
+                "shadow": {"type": "string", "enum": ["on", "off"], "description": "SHADOW."},
             },
         },
     }
