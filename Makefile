@@ -68,10 +68,13 @@ prometheus:
 bench: $(STAMP) wrk
 	$(PY) -m benchmarks
 
-# The scenarios of tests/reliability, heavier (more clients, longer load, more fuzzing); one table.
-# Everything runs on loopback; a few minutes on 2 cores. Options: RELIABILITY_ARGS="--clients 8 --seconds 10".
+# The tests of tests/reliability, heavier than in `make test` (more clients, longer load, more kills
+# and fuzzing); pytest prints one table of the scenarios at the end. Everything runs on loopback; a
+# few minutes on 2 cores. RELIABILITY_ARGS come last and win, e.g. RELIABILITY_ARGS="--clients 8 --seconds 10"
+# (the options are in tests/reliability/conftest.py; --registry-restart adds a minute or two).
+RELIABILITY_SIZE := --clients 16 --seconds 20 --kills 3 --repeats 6 --examples 50 --fuzz-phases examples,coverage,fuzzing
 reliability: $(STAMP)
-	$(PY) -m benchmarks.reliability $(RELIABILITY_ARGS)
+	$(PY) -m pytest tests/reliability $(RELIABILITY_SIZE) $(RELIABILITY_ARGS)
 
 ui: $(STAMP)
 	$(VENV)/bin/mlflow ui --host $(HOST) --port $${MLFLOW_UI_PORT:-5001}

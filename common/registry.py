@@ -25,6 +25,7 @@ PREVIOUS_ALIAS = "previous"
 TRAINING_EXPERIMENT = "fraud-training"
 DRIFT_EXPERIMENT = "drift-monitoring"
 PROMOTION_EXPERIMENT = "promotions"
+PERFORMANCE_EXPERIMENT = "performance-monitoring"
 
 
 @contextmanager

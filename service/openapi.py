@@ -202,7 +202,7 @@ def _schemas(max_rows: int) -> dict:
         },
         "ReadyResponse": {
             "type": "object",
-            "required": ["status", "model", "registry", "problem", "refused", "request_log"],
+            "required": ["status", "model", "registry", "problem", "refused", "request_log", "worker"],
             "properties": {
                 "status": {"type": "string", "enum": ["ready", "not_ready"]},
                 "error": _ref("ErrorDetail"),
@@ -235,6 +235,22 @@ def _schemas(max_rows: int) -> dict:
                     "properties": {"location": {"type": "string"}, "last_error": {"type": ["string", "null"]},
                                    "last_error_at": {"type": ["number", "null"]}},
                 },
+                "worker": {
+                    "type": "object", "required": ["class", "fallback_reason"],
+                    "properties": {
+                        "class": {"type": ["string", "null"],
+                                  "description": "The gunicorn worker class serving; null outside gunicorn."},
+                        "fallback_reason": {"type": ["string", "null"],
+                                            "description": "Why gunicorn's stock gthread worker serves instead of "
+                                                           "the event-loop worker (WEB_WORKER)."},
+                    },
+                },
+                "role": {"type": "string", "enum": ["champion"]},
+                "challenger": {"oneOf": [{"type": "null"}, {
+                    "type": "object", "required": ["role", "model", "registry", "problem", "refused"],
+                    "description": "The Staging version this worker scores requests with in the shadow, in the "
+                                   "same shape as the champion's fields; null when SHADOW=off or MODEL_URI is set.",
+                }]},
             },
         },
         "VersionResponse": {
@@ -250,6 +266,13 @@ def _schemas(max_rows: int) -> dict:
                 "run_id": {"type": ["string", "null"]},
                 "flavor": {"type": "string", "enum": ["onnx", "sklearn"]},
                 "loaded_at": {"type": "number", "description": "Unix time the worker loaded it."},
+                "challenger": {"oneOf": [{"type": "null"}, {
+                    "type": "object",
+                    "required": ["model_name", "model_version", "stage", "threshold", "run_id", "flavor", "loaded_at"],
+                    "description": "The Staging version that scores every request in the shadow; its scores are "
+                                   "logged, never answered.",
+                }]},
+                "shadow": {"type": "string", "enum": ["on", "off"], "description": "SHADOW."},
             },
         },
     }

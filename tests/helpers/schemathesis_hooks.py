@@ -1,5 +1,5 @@
-"""schemathesis hooks for the service's OpenAPI document (loaded by `benchmarks.reliability.fuzz_scenario`
-through SCHEMATHESIS_HOOKS).
+"""schemathesis hooks for the service's OpenAPI document (loaded through SCHEMATHESIS_HOOKS by the
+schemathesis run of tests/reliability/test_reliability_security.py).
 
 /invocations takes text/csv and Parquet bodies, which the document describes as the table's records
 (`Table`). schemathesis generates such records and cannot send them without a serializer for these
