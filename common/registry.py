@@ -25,6 +25,7 @@ PREVIOUS_ALIAS = "previous"
 TRAINING_EXPERIMENT = "fraud-training"
 DRIFT_EXPERIMENT = "drift-monitoring"
 PROMOTION_EXPERIMENT = "promotions"
+PERFORMANCE_EXPERIMENT = "performance-monitoring"
 
 
 @contextmanager
@@ -161,6 +162,19 @@ def production_version(mlflow_client: MlflowClient, name: str) -> ModelVersion |
     if champion is not None:
         return champion
     return version_in_stage(mlflow_client, name, "Production")
+
+
+def challenger_version(mlflow_client: MlflowClient, name: str) -> ModelVersion | None:
+    """The version the service scores in the shadow: the one with alias `challenger`. A registry kept by
+    stage alone (no `champion` alias either) falls back to its newest Staging version; one with aliases
+    does not, so that a promotion, which takes the alias with it, leaves no stale challenger behind.
+    """
+    challenger = version_with_alias(mlflow_client, name, STAGE_ALIASES["Staging"])
+    if challenger is not None:
+        return challenger
+    if version_with_alias(mlflow_client, name, STAGE_ALIASES["Production"]) is not None:
+        return None
+    return version_in_stage(mlflow_client, name, "Staging")
 
 
 def production_versions(mlflow_client: MlflowClient, name: str) -> list[ModelVersion]:

@@ -152,6 +152,12 @@ def drift_reference_path() -> Path:
     return Path(_path_or_url(read_str("DRIFT_REFERENCE") or str(DATA_DIR / "drift_reference.parquet")))
 
 
+def performance_config_path() -> Path:
+    """PERFORMANCE_CONFIG; the performance check's maturity window, margins and evidence thresholds
+    (default data/performance_config.json)."""
+    return Path(_path_or_url(read_str("PERFORMANCE_CONFIG") or str(DATA_DIR / "performance_config.json")))
+
+
 def promotion_config_path() -> Path:
     """PROMOTION_CONFIG; the promotion gate's margins and quality floor (default data/promotion_config.json)."""
     return Path(_path_or_url(read_str("PROMOTION_CONFIG") or str(DATA_DIR / "promotion_config.json")))
@@ -193,6 +199,12 @@ def _long_tokens(name: str, raw: list[str]) -> list[str]:
     return tokens
 
 
+def shadow() -> bool:
+    """SHADOW; on (default): each request is also scored by the registry's challenger (Staging) version,
+    logged beside the champion's score; off: no challenger is loaded."""
+    return read_bool("SHADOW", True)
+
+
 def model_poll_seconds() -> float:
     """MODEL_POLL_SECONDS; how often each worker asks the registry for a new Production version."""
     return read_float("MODEL_POLL_SECONDS", 10.0, minimum=0.1, maximum=86400.0)
@@ -228,8 +240,32 @@ def web_concurrency() -> int:
 
 def web_threads() -> int:
     """WEB_THREADS; request threads per worker (default 1: requests are served on each worker's event
-    loop, service/worker.py; more than 1: gunicorn's gthread workers with that many threads)."""
+    loop, service/worker.py; more than 1: gunicorn's gthread workers with that many threads; unset
+    with WEB_WORKER=gthread: 4, service/worker_choice.py)."""
     return read_int("WEB_THREADS", 1, minimum=1, maximum=64)
+
+
+WEB_WORKERS = ("event-loop", "gthread")
+
+
+def web_worker() -> str:
+    """WEB_WORKER; which gunicorn worker serves: `event-loop` (service/worker.py; the default with
+    WEB_THREADS=1) or `gthread` (gunicorn's stock threaded worker; the default with WEB_THREADS>1).
+
+    Raises:
+        SettingsError: another value, or `event-loop` with WEB_THREADS>1 (that worker has one thread).
+    """
+    threads = web_threads()
+    value = read_str("WEB_WORKER")
+    if value is None:
+        return "event-loop" if threads == 1 else "gthread"
+    value = value.lower()
+    if value not in WEB_WORKERS:
+        raise SettingsError(f"WEB_WORKER={value!r} is neither event-loop nor gthread")
+    if value == "event-loop" and threads > 1:
+        raise SettingsError(f"WEB_WORKER=event-loop serves requests on one thread, but WEB_THREADS={threads}; "
+                            "unset one of them, or choose WEB_WORKER=gthread")
+    return value
 
 
 def client_timeout() -> float:

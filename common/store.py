@@ -48,7 +48,13 @@ requests_table = sa.Table(
     sa.Column("model_version", sa.String(32)),
     sa.Column(LABEL, sa.SmallInteger),
     sa.Column("label_ts", sa.Float),
+    # The challenger's view of the same row, when a challenger scored it in the shadow.
+    sa.Column("shadow_score", sa.Float),
+    sa.Column("shadow_decision", sa.SmallInteger),
+    sa.Column("shadow_version", sa.String(32)),
 )
+# Columns added after the table's first release: `create_schema` adds them to a table that lacks them.
+ADDED_COLUMNS = ("shadow_score", "shadow_decision", "shadow_version")
 
 # SQLite request-log batches go in as multi-row INSERT statements of at most this many rows (fewer
 # if the library's limit on bound values requires), which cost less CPU than executemany's one step
@@ -124,10 +130,36 @@ class RequestStore:
         try:
             metadata.create_all(self.engine, checkfirst=True)
         except sa.exc.DBAPIError:
+            exists = False
             with contextlib.suppress(sa.exc.DBAPIError):
-                if sa.inspect(self.engine).has_table(requests_table.name):
-                    return
-            raise
+                exists = sa.inspect(self.engine).has_table(requests_table.name)
+            if not exists:
+                raise
+        self._add_missing_columns()
+
+    def columns(self) -> set[str]:
+        """The names of the table's columns as the database has them (empty when there is no table)."""
+        if not self.has_table():
+            return set()
+        return {column["name"] for column in sa.inspect(self.engine).get_columns(requests_table.name)}
+
+    def _add_missing_columns(self) -> None:
+        """Bring a table created by an earlier release up to date: add the nullable ADDED_COLUMNS it lacks.
+
+        Several processes may do it at the same moment; a column another one added first counts as added.
+        """
+        missing = [name for name in ADDED_COLUMNS if name not in self.columns()]
+        preparer = self.engine.dialect.identifier_preparer
+        for name in missing:
+            column = requests_table.c[name]
+            ddl = (f"ALTER TABLE {preparer.quote(requests_table.name)} ADD COLUMN {preparer.quote(name)} "
+                   f"{column.type.compile(dialect=self.engine.dialect)}")
+            try:
+                with self.engine.begin() as conn:
+                    conn.exec_driver_sql(ddl)
+            except sa.exc.DBAPIError:
+                if name not in self.columns():
+                    raise
 
     def dispose(self) -> None:
         if self._checkpointer is not None:
@@ -431,7 +463,8 @@ class RequestStore:
         return stmt.order_by(requests_table.c.id)
 
     def read_frame(self, columns: Sequence[str] = (*FEATURES, LABEL), *, labelled: bool | None = None,
-                   last_n: int | None = None, since_ts: float | None = None) -> pd.DataFrame:
+                   last_n: int | None = None, since_ts: float | None = None,
+                   equals: dict[str, str] | None = None) -> pd.DataFrame:
         """Read columns into a DataFrame, oldest first.
 
         Args:
@@ -439,8 +472,11 @@ class RequestStore:
             labelled: True keeps only rows with a true label.
             last_n: keep only the newest n rows (after the other filters).
             since_ts: keep only rows logged at or after this epoch time.
+            equals: keep only the window's rows whose columns hold these values (e.g. a model version).
         """
         stmt = self._window(columns, labelled=labelled, last_n=last_n, since_ts=since_ts)
+        for name, value in (equals or {}).items():
+            stmt = stmt.where(requests_table.c[name] == value)
         with self.engine.connect() as conn:
             result = conn.execute(stmt)
             return pd.DataFrame(result.fetchall(), columns=list(columns))

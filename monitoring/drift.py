@@ -40,7 +40,6 @@ import time
 import traceback
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -52,8 +51,8 @@ from common.text import cli_bool, first_line, parse_bool
 from monitoring import report as html_report
 from monitoring.detector import DRIFT, INCONCLUSIVE, NO_DRIFT, DriftReport, KSDrift, normalise_correction
 from monitoring.reference import KINDS, ReferenceError, load_reference
-from monitoring.runs import log, promoted_at, start_run
-from monitoring.window import Window, WindowReadError, read_window, start_reading
+from monitoring.runs import log, start_run
+from monitoring.window import Window, WindowReadError, iso, parse_since, read_window, start_reading
 
 EXIT_NO_DRIFT = 0
 EXIT_ERROR = 1
@@ -190,43 +189,14 @@ class DriftResult:
         return EXIT_CODES[self.report.status]
 
 
-def parse_since(value: str | None, production) -> tuple[float | None, str]:
-    """(epoch seconds or None, description) for `--since`.
-
-    Raises:
-        DriftConfigError: unparseable, or `promotion` without a Production version.
-    """
-    if value is None or value.strip() == "":
-        return None, ""
-    text = value.strip()
-    if text.lower() == "promotion":
-        if production is None:
-            raise DriftConfigError("--since promotion needs a Production model, and there is none")
-        ts = promoted_at(production)
-        return ts, f"since the promotion of v{production.version} ({_iso(ts)})"
-    try:
-        ts = float(text)
-    except ValueError:
-        try:
-            parsed = datetime.fromisoformat(text)
-        except ValueError:
-            raise DriftConfigError(f"--since {text!r} is neither an epoch time, an ISO-8601 time nor "
-                                   "'promotion'") from None
-        ts = (parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)).timestamp()
-    if not math.isfinite(ts):
-        raise DriftConfigError(f"--since {text!r} is not a finite time")
-    return ts, f"since {_iso(ts)}"
-
-
-def _iso(ts: float) -> str:
-    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="seconds")
-
-
 def resolve_window(window: int | None, since: str | None, config: DriftConfig, production) -> Window:
     rows = config.default_window_rows if window is None else int(window)
     if rows < 0:
         raise DriftConfigError(f"--window must be 0 (no row limit) or more, got {rows}")
-    since_ts, since_text = parse_since(since, production)
+    try:
+        since_ts, since_text = parse_since(since, production)
+    except ValueError as exc:
+        raise DriftConfigError(str(exc)) from None
     last_n = rows or None
     parts = [f"last {rows} rows" if last_n else "all rows"] + ([since_text] if since_text else [])
     return Window(last_n, since_ts, " ".join(parts))
@@ -349,7 +319,7 @@ def _check(params: DriftParams, config: DriftConfig, mlflow_client, name: str, p
     summary = {
         **report.to_dict(),
         "run_id": run_id,
-        "checked_at": _iso(time.time()),
+        "checked_at": iso(time.time()),
         "window": {"description": window.description, "last_n": window.last_n, "since_ts": window.since_ts,
                    "since": params.since or None, "rows": int(current.shape[1])},
         "reference": {"kind": params.reference, "source": reference.source, "rows": reference.rows,
@@ -450,7 +420,7 @@ def write_error_result(output_dir: Path, message: str, run_id: str | None = None
     try:
         output_dir.mkdir(parents=True, exist_ok=True)
         _write_json(output_dir / RESULT_FILE, {"drift_detected": None, "feature_pvalues": {}, "status": "error",
-                                               "reason": message, "run_id": run_id, "checked_at": _iso(time.time())})
+                                               "reason": message, "run_id": run_id, "checked_at": iso(time.time())})
     except OSError:
         pass
 

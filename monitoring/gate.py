@@ -61,6 +61,7 @@ from mlflow.exceptions import MlflowException
 from common import registry, settings
 from common.model import PARITY_TOLERANCE, ModelLoadError, load_bundle
 from common.schema import FEATURES, LABEL
+from common.store import RequestStore, StoreUnavailable
 from common.text import cli_bool, first_line
 from monitoring import promotion
 from monitoring.gate_lock import LockBusy, LockUnavailable, gate_lock
@@ -73,7 +74,7 @@ EXIT_USAGE = 2
 EXIT_REFUSED = 3
 EXIT_BUSY = 4
 
-REASONS = ("scheduled", "manual")
+REASONS = ("scheduled", "manual", "performance")
 EVALUATION_ARTIFACT = "data/evaluation.parquet"  # written by training.registration (EVALUATION_ARTIFACT)
 RESULT_FILE = "promotion_result.json"
 COMPARED = ("average_precision", "recall")
@@ -102,6 +103,8 @@ class GateConfig:
     floor_average_precision: float = 0.5
     floor_recall: float = 0.5
     min_evaluation_frauds: int = 5
+    # The live comparison (shadow scores with known labels) counts once it covers this many frauds.
+    min_live_frauds: int = 20
 
     @classmethod
     def load(cls, path: Path) -> GateConfig:
@@ -120,15 +123,17 @@ class GateConfig:
         if not isinstance(raw, dict) or set(raw) - known:
             raise GateUsageError(f"promotion config {path} must be an object with keys from {sorted(known)}")
         try:
-            config = cls(**{k: (int(v) if k == "min_evaluation_frauds" else float(v)) for k, v in raw.items()})
+            config = cls(**{k: (int(v) if k in ("min_evaluation_frauds", "min_live_frauds") else float(v))
+                            for k, v in raw.items()})
         except (TypeError, ValueError) as exc:
             raise GateUsageError(f"promotion config {path}: {exc}") from None
         for name in ("max_average_precision_drop", "max_recall_drop", "floor_average_precision", "floor_recall"):
             value = getattr(config, name)
             if not (math.isfinite(value) and 0.0 <= value <= 1.0):
                 raise GateUsageError(f"promotion config {path}: {name} must be within [0, 1], got {value}")
-        if config.min_evaluation_frauds < 1:
-            raise GateUsageError(f"promotion config {path}: min_evaluation_frauds must be at least 1")
+        for name in ("min_evaluation_frauds", "min_live_frauds"):
+            if getattr(config, name) < 1:
+                raise GateUsageError(f"promotion config {path}: {name} must be at least 1")
         return config
 
 
@@ -145,6 +150,7 @@ class GateParams:
     reference_file: Path | None = None
     output_dir: Path = Path()
     lock_wait: float = LOCK_WAIT_SECONDS
+    request_log: str | None = None  # for the live comparison; None: LATEST_DB
 
 
 @dataclass(frozen=True)
@@ -204,25 +210,83 @@ def _decision(decision: GateDecision) -> str:
 
 
 def drift_cause(mlflow_client, production, reason: str | None) -> Check:
-    """(a): an explicit reason, or a drift run since Production's promotion that found drift."""
-    if reason:
+    """(a): an explicit reason, or a verdict since Production's promotion: a drift run that found drift,
+    or a performance run that found Production degraded. `reason=performance` needs the latter."""
+    if reason and reason != "performance":
         return Check("cause", True, f"explicit reason {reason!r}")
     since = promoted_at(production)
-    experiment = mlflow_client.get_experiment_by_name(registry.DRIFT_EXPERIMENT)
-    if experiment is None:
-        return Check("cause", False, "no drift check has ever run and no reason (scheduled, manual) was given")
-    runs = mlflow_client.search_runs(
-        [experiment.experiment_id],
-        filter_string=f"tags.drift_detected = 'true' and attributes.start_time > {int(since * 1000)}",
-        order_by=["attributes.start_time DESC"], max_results=1)
-    if runs:
-        run = runs[0]
-        when = datetime.fromtimestamp(run.info.start_time / 1000, UTC).isoformat(timespec="seconds")
-        drifted = run.data.tags.get("drifted_features", "")
-        return Check("cause", True, f"drift run {run.info.run_id} at {when} found drift ({drifted})")
-    return Check("cause", False, f"no drift run since v{production.version} was promoted "
-                                 f"({datetime.fromtimestamp(since, UTC).isoformat(timespec='seconds')}) found drift, "
-                                 "and no reason (scheduled, manual) was given")
+    verdicts = [("performance", registry.PERFORMANCE_EXPERIMENT, "performance_degraded", "degradation")]
+    if reason != "performance":
+        verdicts.insert(0, ("drift", registry.DRIFT_EXPERIMENT, "drift_detected", "drift"))
+    for kind, experiment_name, tag, found in verdicts:
+        experiment = mlflow_client.get_experiment_by_name(experiment_name)
+        if experiment is None:
+            continue
+        runs = mlflow_client.search_runs(
+            [experiment.experiment_id],
+            filter_string=f"tags.{tag} = 'true' and attributes.start_time > {int(since * 1000)}",
+            order_by=["attributes.start_time DESC"], max_results=1)
+        if runs:
+            run = runs[0]
+            when = datetime.fromtimestamp(run.info.start_time / 1000, UTC).isoformat(timespec="seconds")
+            detail = run.data.tags.get("drifted_features") if kind == "drift" else run.data.tags.get("reason")
+            return Check("cause", True, f"{kind} run {run.info.run_id} at {when} found {found} ({detail or ''})")
+    promoted = datetime.fromtimestamp(since, UTC).isoformat(timespec="seconds")
+    if reason == "performance":
+        return Check("cause", False, f"reason 'performance', but no performance run since v{production.version} was "
+                                     f"promoted ({promoted}) found it degraded")
+    return Check("cause", False, f"no drift or performance run since v{production.version} was promoted ({promoted}) "
+                                 "found drift or degradation, and no reason (scheduled, manual) was given")
+
+
+def live_comparison(request_log: str | None, candidate: str, production: str, config: GateConfig,
+                    metrics: dict[str, float], notes: list[str]) -> Check | None:
+    """(b'): the candidate against Production on live traffic: the rows Production served while the
+    candidate scored them in the shadow, whose labels are known (feedback, or matured; see
+    monitoring.performance). None, with a note, while those rows hold fewer than `min_live_frauds` frauds.
+
+    Both models are judged with the hold-out margins, each at its own threshold (the logged decisions).
+    """
+    from monitoring.performance import PerformanceConfig, PerformanceConfigError, figures, known_labels
+
+    if not request_log or ("://" not in request_log and not Path(request_log).is_file()):
+        notes.append("no live comparison: no request log")
+        return None
+    store = RequestStore(request_log, create=False)
+    try:
+        if "shadow_version" not in store.columns():
+            notes.append("no live comparison: the request log has no shadow scores")
+            return None
+        frame = store.read_frame(("ts", "score", "decision", LABEL, "shadow_score", "shadow_decision"),
+                                 equals={"model_version": production, "shadow_version": candidate})
+    except StoreUnavailable as exc:
+        notes.append(f"no live comparison: {exc}")
+        return None
+    finally:
+        store.dispose()
+    try:
+        maturity = PerformanceConfig.load(settings.performance_config_path()).maturity_days
+    except PerformanceConfigError as exc:
+        raise GateUsageError(str(exc)) from None
+    y = known_labels(frame, time.time(), maturity)
+    known = y >= 0
+    if int(y[known].sum()) < config.min_live_frauds:
+        notes.append(f"no live comparison: the {int(known.sum())} rows with known labels that v{candidate} scored in "
+                     f"the shadow of v{production} hold {int(y[known].sum())} frauds, fewer than "
+                     f"min_live_frauds={config.min_live_frauds}")
+        return None
+    y = y[known]
+    champion = figures(y, frame["decision"].to_numpy()[known], frame["score"].to_numpy(np.float64)[known])
+    challenger = figures(y, frame["shadow_decision"].to_numpy()[known],
+                         frame["shadow_score"].to_numpy(np.float64)[known])
+    for role, body in (("candidate", challenger), ("production", champion)):
+        metrics.update({f"live.{role}.{k}": float(body[k]) for k in (*COMPARED, "precision", "frauds", "known_rows")})
+    metrics.update({f"live.delta.{k}": float(challenger[k]) - float(champion[k]) for k in COMPARED})
+    check = quality_against(challenger, champion, config)
+    where = f"on {len(y)} live rows ({champion['frauds']} frauds) v{candidate} scored in the shadow of v{production}"
+    if check.passed:
+        return Check("live", True, f"{check.detail.replace('not worse than Production: ', 'not worse ')} {where}")
+    return Check("live", False, check.detail.replace("candidate worse than Production", f"worse {where}"))
 
 
 def evaluation_rows(mlflow_client, run_id: str | None) -> pd.DataFrame:
@@ -371,7 +435,7 @@ def _exclusive(params: GateParams, decide) -> GateDecision:
     """Run `decide(params, repairs)` holding the gate lock, after repairing an interrupted promotion."""
     uri = params.tracking_uri or settings.tracking_uri()
     name = params.model_name or settings.model_name()
-    location = settings.request_log_url()
+    location = params.request_log or settings.request_log_url()
     try:
         with gate_lock(location, params.lock_wait, on_wait=lambda where: print(
                 f"gate: another promotion or rollback holds the gate lock ({where}); waiting up to "
@@ -427,6 +491,11 @@ def _promote(params: GateParams, repairs: tuple[str, ...] = ()) -> GateDecision:
         checks.append(check)
         if labels is not None:
             checks.append(_quality(mlflow_client, name, production, served, rows, labels, config, metrics))
+        if production is not None:
+            live = live_comparison(params.request_log or settings.request_log_url(), str(candidate.version),
+                                   str(production.version), config, metrics, notes)
+            if live is not None:
+                checks.append(live)
         reference_path = Path(params.reference_file or settings.drift_reference_path())
         if all(c.passed for c in checks):
             # Built before the registry changes, so a candidate without usable training data is refused.
@@ -558,7 +627,11 @@ def build_parser() -> argparse.ArgumentParser:
                                             "nothing to decide, 4 another promotion or rollback held the gate "
                                             "lock for all of --lock-wait, 1 the gate could not run")
     parser.add_argument("--version", default=None, help="candidate version (default: the newest Staging version)")
-    parser.add_argument("--reason", default=None, help="promote without a drift run: scheduled or manual")
+    parser.add_argument("--reason", default=None,
+                        help="why retrain: scheduled or manual (enough by themselves), or performance (needs a "
+                             "performance run since the last promotion that found degradation)")
+    parser.add_argument("--request-log", "--request_log", dest="request_log", default=None,
+                        help="request log for the live comparison (default: LATEST_DB)")
     parser.add_argument("--rollback", type=cli_bool, default=False,
                         help="true: restore the previous Production version")
     parser.add_argument("--model-name", "--model_name", dest="model_name", default=None,
@@ -585,7 +658,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     params = GateParams(version=(args.version or "").strip() or None, reason=(args.reason or "").strip() or None,
                         rollback=args.rollback, model_name=args.model_name, config=args.config,
-                        reference_file=args.reference_file, output_dir=args.output_dir, lock_wait=args.lock_wait)
+                        reference_file=args.reference_file, output_dir=args.output_dir, lock_wait=args.lock_wait,
+                        request_log=(args.request_log or "").strip() or None)
     try:
         decision = promote(params)
     except GateUsageError as exc:

@@ -111,7 +111,7 @@ class PowerResult:
 
 def measure(windows: int = 30, rows: int = 10_000, reference_rows: int = 50_000, train_rows: int = 200_000,
             trees: int = 100, changes: Sequence[Change] = CHANGES, seed: int = 0, config: DriftConfig | None = None,
-            reference_scores: str = "oob", max_recall_drop: float | None = None) -> PowerResult:
+            reference_scores: str = "in-sample", max_recall_drop: float | None = None) -> PowerResult:
     """Run every change over `windows` windows; see the module docstring.
 
     Args:
@@ -123,8 +123,8 @@ def measure(windows: int = 30, rows: int = 10_000, reference_rows: int = 50_000,
         changes: the table's rows.
         seed: shifts every seed, for an independent replication.
         config: the drift check's options (default: the shipped drift config).
-        reference_scores: "oob" (the training rows' out-of-bag scores, as training stores them) or
-            "in-sample" (the model's own scores on its training rows).
+        reference_scores: "in-sample" (the model's own scores on its training rows, as the promotion gate
+            stores them in the drift reference) or "oob" (their out-of-bag scores).
         max_recall_drop: what "hurts" means (default: the shipped promotion config's margin).
     """
     from monitoring.gate import GateConfig
@@ -220,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--min-distance", "--min_distance", dest="min_distance", type=float, default=None,
                         help="effect-size floor to judge with (default: the drift config's)")
-    parser.add_argument("--reference-scores", "--reference_scores", dest="reference_scores", default="oob",
+    parser.add_argument("--reference-scores", "--reference_scores", dest="reference_scores", default="in-sample",
                         choices=("oob", "in-sample"))
     args = parser.parse_args(argv)
     if min(args.windows, args.rows, args.reference_rows, args.train_rows, args.trees) < 1:

@@ -30,6 +30,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import requests
 
 from common import settings
@@ -45,6 +46,7 @@ LEDGER_FILE = DATA_DIR / "simulate_ledger.db"
 TIMEOUT_SECONDS = 30
 DEFAULT_SCENARIO = "covariate"
 DEFAULT_ROWS = 5000
+FEEDBACK_BATCH = 2000  # labels per /feedback request: well inside the service's default MAX_ROWS
 
 
 class SimulationError(RuntimeError):
@@ -60,6 +62,7 @@ class SimulateParams:
     batch: int = 500
     feedback: bool = False
     ledger: Path = LEDGER_FILE
+    keep_answers: bool = False  # Summary.answers: every row's answer, for a caller that measures them
 
 
 @dataclass
@@ -77,6 +80,9 @@ class Summary:
     pending_frauds: int = 0
     versions: Counter = field(default_factory=Counter)
     seconds: float = 0.0
+    # With SimulateParams.keep_answers: the month's rows (month_frame's columns) with the service's
+    # answer to each: request_id, fraud_probability, is_fraud, model_version.
+    answers: pd.DataFrame | None = None
 
     def lines(self, params: SimulateParams) -> list[str]:
         rate = self.rows / self.seconds if self.seconds else 0.0
@@ -146,11 +152,16 @@ def simulate(params: SimulateParams, token: str, session: requests.Session | Non
     truth_all = inputs[LABEL].to_numpy(np.int64)
     feed = scenarios.labels(scenario, frame, params.month)
     summary = Summary()
+    answers: dict[str, list] = {"request_id": [], "fraud_probability": [], "is_fraud": [], "model_version": []}
     started = time.perf_counter()
     with Ledger(params.ledger) if params.feedback else _no_ledger() as ledger:
         for start in range(0, len(rows), params.batch):
             chunk = slice(start, start + params.batch)
             answer = _post(session, f"{base}/predict", {"data": rows[chunk].tolist()})
+            if params.keep_answers:
+                for key in ("request_id", "fraud_probability", "is_fraud"):
+                    answers[key] += answer[key]
+                answers["model_version"] += [str(answer.get("model_version"))] * len(answer["is_fraud"])
             flagged = np.asarray(answer["is_fraud"], dtype=bool)
             truth = truth_all[chunk]
             summary.rows += len(flagged)
@@ -165,8 +176,10 @@ def simulate(params: SimulateParams, token: str, session: requests.Session | Non
                                                             feed["known_at"].to_numpy()[chunk],
                                                             feed["label"].to_numpy()[chunk], strict=True))
         if ledger is not None:
-            _deliver(session, base, ledger, scenario.month_end(params.month), params.batch * 10, summary)
+            _deliver(session, base, ledger, scenario.month_end(params.month), FEEDBACK_BATCH, summary)
     summary.seconds = time.perf_counter() - started
+    if params.keep_answers:
+        summary.answers = frame.assign(**answers)
     return summary
 
 

@@ -6,14 +6,17 @@ be, to reach a forked worker), also when the drift check runs as `python -m moni
 
 from __future__ import annotations
 
+import math
 import multiprocessing
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 
 import numpy as np
 
 from common.store import RequestStore, StoreUnavailable
+from monitoring.runs import promoted_at
 
 PARALLEL_MIN_ROWS = 200_000
 MAX_READERS = 4
@@ -30,6 +33,50 @@ class Window:
     last_n: int | None
     since_ts: float | None
     description: str
+
+
+def parse_since(value: str | None, production) -> tuple[float | None, str]:
+    """(epoch seconds or None, description) for `--since`: an epoch time, an ISO-8601 time, or
+    `promotion` (when the Production version was promoted).
+
+    Raises:
+        ValueError: unparseable, or `promotion` without a Production version.
+    """
+    if value is None or value.strip() == "":
+        return None, ""
+    text = value.strip()
+    if text.lower() == "promotion":
+        if production is None:
+            raise ValueError("--since promotion needs a Production model, and there is none")
+        ts = promoted_at(production)
+        return ts, f"since the promotion of v{production.version} ({iso(ts)})"
+    ts = parse_time(text, "--since", "or 'promotion'")
+    return ts, f"since {iso(ts)}"
+
+
+def parse_time(text: str, option: str, also: str = "") -> float:
+    """Epoch seconds from an epoch time or an ISO-8601 time (UTC unless it says otherwise).
+
+    Raises:
+        ValueError: neither, naming `option`.
+    """
+    try:
+        ts = float(text)
+    except ValueError:
+        try:
+            parsed = datetime.fromisoformat(text)
+        except ValueError:
+            raise ValueError(f"{option} {text!r} is neither an epoch time nor an ISO-8601 time"
+                             + (f" {also}" if also else "")) from None
+        ts = (parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)).timestamp()
+    if not math.isfinite(ts):
+        raise ValueError(f"{option} {text!r} is not a finite time")
+    return ts
+
+
+def iso(ts: float) -> str:
+    """An epoch time as ISO-8601 in UTC, to the second."""
+    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="seconds")
 
 
 def _read_shard(job: tuple) -> np.ndarray:

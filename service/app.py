@@ -19,14 +19,14 @@ from werkzeug.exceptions import ClientDisconnected, HTTPException, RequestEntity
 from common import settings
 from common.features import AmountScaler, FeatureConfigError, load_feature_config
 from common.store import StoreUnavailable
-from service import parsing
+from service import connection, parsing, worker_choice
 from service.auth import Tokens
 from service.errors import ApiError, error_body
 from service.metrics import Metrics
 from service.openapi import openapi_document
 from service.request_log import RequestLog, new_request_id
-from service.scoring import ServingModel, score
-from service.watcher import ModelWatcher
+from service.scoring import Predictions, ServingModel, disagreements, score
+from service.watcher import CHALLENGER, ModelWatcher
 
 log = logging.getLogger("service")
 
@@ -50,6 +50,7 @@ class Config:
     max_rows: int
     max_body_bytes: int
     feature_config: str
+    shadow: bool = True
     watch_model: bool = True
     model_wait_seconds: float = 20.0
 
@@ -76,6 +77,7 @@ class Config:
             max_rows=pick("max_rows", settings.max_rows),
             max_body_bytes=pick("max_body_bytes", settings.max_body_bytes),
             feature_config=str(pick("feature_config", settings.feature_config_path)),
+            shadow=pick("shadow", settings.shadow),
             watch_model=overrides.get("watch_model", True),
             model_wait_seconds=overrides.get("model_wait_seconds", 20.0),
         )
@@ -90,6 +92,7 @@ class Service:
     metrics: Metrics
     watcher: ModelWatcher
     request_log: RequestLog
+    challenger: ModelWatcher | None = None  # None: SHADOW=off, or MODEL_URI pins the champion
     _scaler: AmountScaler | None = field(default=None, repr=False)
 
     def model(self) -> ServingModel:
@@ -130,8 +133,38 @@ class Service:
                                f"raw 'Amount' cannot be scaled: {exc}; send 'Amount_scaled' instead") from None
         return self._scaler
 
+    def shadow(self, rows, champion: ServingModel, predictions: Predictions) -> Predictions | None:
+        """The challenger's scores of the rows the champion just scored, or None (counted, with the reason).
+
+        Nothing the challenger does reaches the client: a missing, slow or failing challenger only
+        leaves the shadow columns of the request log empty and adds to `fraud_shadow_skipped_rows`.
+        """
+        if self.challenger is None:
+            return None
+        challenger = self.challenger.current
+        if challenger is None:
+            reason = "none"
+        elif (challenger.name, challenger.version) == (champion.name, champion.version):
+            reason = "same_version"  # for the moment a promotion takes to reach both watchers
+        elif challenger.bundle.flavor != "onnx":
+            reason = "not_onnx"  # scikit-learn is ~100x slower per row: not on the request path
+        else:
+            try:
+                shadow = score(rows, challenger)
+            except Exception:
+                log.exception("request %s: the challenger (%s version %s) failed to score; the answer is the "
+                              "champion's", request.request_id, challenger.name, challenger.version)
+                reason = "error"
+            else:
+                self.metrics.count_shadow(shadow.probabilities, disagreements(predictions, shadow))
+                return shadow
+        self.metrics.shadow_skipped.labels(reason).inc(len(rows))
+        return None
+
     def close(self) -> None:
         self.watcher.stop()
+        if self.challenger is not None:
+            self.challenger.stop()
         self.request_log.dispose()
 
 
@@ -170,11 +203,16 @@ def create_app(config: dict | None = None) -> Flask:
                              model_uri=cfg.model_uri, poll_seconds=cfg.poll_seconds,
                              threshold_override=cfg.fraud_threshold),
         request_log=RequestLog(cfg.request_log),
+        challenger=(ModelWatcher(metrics, tracking_uri=lambda: cfg.tracking_uri, model_name=cfg.model_name,
+                                 poll_seconds=cfg.poll_seconds, role=CHALLENGER)
+                    if cfg.shadow and not cfg.model_uri else None),
     )
     app.extensions[SERVICE_KEY] = service
     _register_hooks(app, service)
     _register_routes(app, service)
     if cfg.watch_model:
+        if service.challenger is not None:
+            service.challenger.start()  # its first check runs beside the champion's, and nothing waits for it
         service.watcher.start(wait_seconds=cfg.model_wait_seconds)
     return app
 
@@ -188,16 +226,21 @@ def service_of(app: Flask) -> Service:
 
 def _register_hooks(app: Flask, service: Service) -> None:
     metrics = service.metrics
+    max_body_bytes = service.config.max_body_bytes
 
     @app.after_request
     def finish_request(response: Response) -> Response:
         req = request._get_current_object()  # one proxy lookup instead of one per attribute
         elapsed = time.perf_counter() - req.started
         rule = req.url_rule
-        metrics.observe_latency(rule.rule if rule is not None else "unmatched", response.status_code, elapsed)
+        status = response.status_code
+        metrics.observe_latency(rule.rule if rule is not None else "unmatched", status, elapsed)
         headers = response.headers
         headers["Server-Timing"] = f"app;dur={elapsed * 1000:.3f}"
         headers["X-Request-ID"] = req.request_id
+        # A POST view that succeeds has read its whole body; any other answer may have left some.
+        if status >= 400 or req.method != "POST":
+            _settle_connection(req, status, max_body_bytes, metrics)
         return response
 
     @app.errorhandler(ApiError)
@@ -225,6 +268,17 @@ def _register_hooks(app: Flask, service: Service) -> None:
         log.exception("request %s %s %s failed", request.request_id, request.method, request.path)
         return _error_response(metrics, 500, "internal_error",
                                f"internal error; the log has details under request id {request.request_id}")
+
+
+def _settle_connection(req: ServiceRequest, status: int, max_body_bytes: int, metrics: Metrics) -> None:
+    """Read the body this answer left unread, or close the connection after it (service/connection.py)."""
+    outcome = connection.settle(req.environ, status, max_body_bytes, body=lambda: req.stream)
+    if outcome is None:
+        return
+    metrics.unread_bodies.labels(outcome).inc()
+    if outcome != connection.DRAINED:
+        log.info("request %s %s %s -> %d: the connection closes after this answer (unread body: %s)",
+                 req.request_id, req.method, req.path, status, outcome)
 
 
 def _error_response(metrics: Metrics, status: int, code: str, message: str, headers: dict | None = None) -> Response:
@@ -257,6 +311,20 @@ def _json_body() -> object:
     charset = req.mimetype_params.get("charset")
     if charset is not None and charset.lower().replace("-", "") != "utf8":
         raise ApiError("unsupported_media_type", f"charset {charset} is not accepted; JSON must be UTF-8")
+    body = _body_bytes(req)
+    try:
+        return parsing.parse_json(body)
+    except ApiError:
+        log.debug("request %s body (first 512 bytes): %r", req.request_id, body[:512])
+        raise
+
+
+def _body_bytes(req: Request) -> bytes:
+    """The whole request body, at most MAX_BODY_BYTES.
+
+    Raises:
+        ApiError: request_timeout; werkzeug raises 413 for a large body.
+    """
     try:
         body = req.get_data(cache=False)
     except ClientDisconnected as exc:
@@ -272,11 +340,7 @@ def _json_body() -> object:
         # A chunked body has no Content-Length to refuse up front: werkzeug stops reading at the
         # limit and returns the start, which would read as malformed JSON instead of too large.
         raise RequestEntityTooLarge()
-    try:
-        return parsing.parse_json(body)
-    except ApiError:
-        log.debug("request %s body (first 512 bytes): %r", req.request_id, body[:512])
-        raise
+    return body
 
 
 # --- endpoints ------------------------------------------------------------------------------------------
@@ -304,9 +368,10 @@ def _register_routes(app: Flask, service: Service) -> None:
     def score_and_log(batch: parsing.Batch):
         model = service.model()
         predictions = score(batch.X, model)
+        shadow = service.shadow(batch.X, model, predictions)
         request_id = request.request_id
         try:
-            ids = service.request_log.record(request_id, batch, predictions)
+            ids = service.request_log.record(request_id, batch, predictions, shadow)
         except StoreUnavailable as exc:
             metrics.request_log_failures.inc()
             log.error("request %s: request log write failed, answering 503: %s", request_id, exc)
@@ -324,8 +389,8 @@ def _register_routes(app: Flask, service: Service) -> None:
             return parser(payload, max_rows=cfg.max_rows, scaler=service.scaler)
         except ApiError as error:
             if error.status < 500 and log.isEnabledFor(logging.DEBUG):
-                log.debug("request %s payload rejected (first 512 bytes): %r", request.request_id,
-                          orjson.dumps(payload)[:512])
+                raw = payload if isinstance(payload, bytes) else orjson.dumps(payload)
+                log.debug("request %s payload rejected (first 512 bytes): %r", request.request_id, raw[:512])
             raise
 
     @route("/predict", "predict", ["POST"], token=True)
@@ -344,8 +409,10 @@ def _register_routes(app: Flask, service: Service) -> None:
 
     @route("/invocations", "invocations", ["POST"], token=True)
     def invocations():
-        """MLflow scoring protocol; answers `{"predictions": [fraud probability per row]}`."""
-        batch = parse_or_log(parsing.invocations_batch, _json_body())
+        """MLflow scoring protocol (JSON, CSV or Parquet); answers `{"predictions": [fraud probability per row]}`."""
+        req = request._get_current_object()
+        media_type = parsing.invocations_media_type(req.mimetype, req.mimetype_params)
+        batch = parse_or_log(functools.partial(parsing.invocations_body, media_type), _body_bytes(req))
         predictions, _ = score_and_log(batch)
         return _json({"predictions": predictions.probabilities})
 
@@ -378,10 +445,15 @@ def _register_routes(app: Flask, service: Service) -> None:
         """Liveness: the process answers."""
         return _json({"status": "ok"})
 
+    # MLflow's scoring server answers liveness on /ping; its clients (ScoringServerClient.wait_server_ready) call it.
+    route("/ping", "ping", ["GET"])(health)
+
     @route("/ready", "ready", ["GET"])
     def ready():
         """Readiness: 200 once this worker has a model loaded, else 503; details either way."""
-        details = {**service.watcher.status(), "request_log": service.request_log.status()}
+        details = {**service.watcher.status(), "request_log": service.request_log.status(),
+                   "worker": worker_choice.describe(),
+                   "challenger": service.challenger.status() if service.challenger is not None else None}
         if details["model"] is None:
             message = service.not_ready_reason()
             return _json({"status": "not_ready", "error": {"code": "model_unavailable", "message": message},
@@ -390,13 +462,20 @@ def _register_routes(app: Flask, service: Service) -> None:
 
     @route("/version", "version", ["GET"])
     def version():
-        """The model this worker serves: name, version, stage, threshold, run id, load time."""
+        """The model this worker serves, and the challenger it shadow-scores with (or null)."""
         model = service.model()
         bundle = model.bundle
+        challenger = service.challenger.current if service.challenger is not None else None
         return _json({
             "model_name": bundle.name, "model_version": bundle.version, "stage": bundle.stage,
             "threshold": model.threshold, "threshold_source": model.threshold_source, "run_id": bundle.run_id,
             "flavor": bundle.flavor, "loaded_at": model.loaded_at,
+            "challenger": None if challenger is None else {
+                "model_name": challenger.name, "model_version": challenger.version,
+                "stage": challenger.bundle.stage, "threshold": challenger.threshold,
+                "run_id": challenger.bundle.run_id, "flavor": challenger.bundle.flavor,
+                "loaded_at": challenger.loaded_at},
+            "shadow": "off" if service.challenger is None else "on",
         })
 
     spec = orjson.dumps(openapi_document(max_rows=cfg.max_rows, max_body_bytes=cfg.max_body_bytes))

@@ -3,9 +3,9 @@
     gunicorn -c service/gunicorn.conf.py "service.app:create_app()"
 
 Run from the repository root (gunicorn puts the working directory on sys.path first). Settings come
-from the environment (HOST, PORT, WEB_CONCURRENCY, WEB_THREADS, CLIENT_TIMEOUT, KEEPALIVE_REQUESTS,
-LOG_LEVEL; see the README); gunicorn's own flags and GUNICORN_CMD_ARGS still override them, e.g.
-`--access-logfile -` for an access log.
+from the environment (HOST, PORT, WEB_CONCURRENCY, WEB_WORKER, WEB_THREADS, CLIENT_TIMEOUT,
+KEEPALIVE_REQUESTS, LOG_LEVEL; see the README); gunicorn's own flags and GUNICORN_CMD_ARGS still
+override them, e.g. `--access-logfile -` for an access log.
 
 The app is created in each worker after fork (no preload_app): the model, the poller thread and the
 database engine belong to one worker, and the master never loads a model. The master only imports
@@ -24,26 +24,22 @@ import time
 from pathlib import Path
 
 from common import settings
+from service import connection, worker_choice
 
 wsgi_app = "service.app:create_app()"
 bind = [f"{settings.host()}:{settings.port()}"]
 workers = settings.web_concurrency()
-threads = settings.web_threads()
-# WEB_THREADS=1 (default): service/worker.py's EventLoopWorker. Connections wait in a poller while
-# they are idle, as with gthread, and a readable one is served at once in the worker's own thread.
-# Measured with benchmarks/serve.py's load (8 connections, single rows, four interleaved rounds):
-# 1,856 req/s, p99 11.4 ms; gthread with 4 threads 1,222 req/s, p99 22.2 ms; sync workers 1,547
-# req/s, p99 11.0 ms. A sync worker also waits for an idle connection without a limit: two of them
-# stopped a 2-sync-worker service (no /health answer in 20 s). WEB_THREADS>1: gthread, for an app
-# whose requests wait on I/O long enough for threads to pay.
-worker_class = "service.worker.EventLoopWorker" if threads == 1 else "gthread"
+# The event-loop worker serves a readable connection at once in its own thread, without gthread's
+# hand-offs to a pool or a sync worker's unbounded wait on idle ones: docs/decisions/001-event-loop-worker.md.
+# gthread when WEB_WORKER or WEB_THREADS>1 chooses it, or as a fallback (service/worker_choice.py).
+_worker = worker_choice.choose()
+worker_class = _worker.worker_class
+threads = _worker.threads
+worker_choice.publish(_worker)
 # Read here so that a bad value stops the server at start; each EventLoopWorker reads it again.
 _client_timeout = settings.client_timeout()
-# A kept-alive connection stays on the worker that accepted it. With a few busy connections (a
-# client's pool, a proxy's upstream pool, wrk's 8) that split is a lottery: all 8 on one worker
-# halved throughput (1,270 vs 2,560 req/s when split 4/4). Closing each connection after
-# KEEPALIVE_REQUESTS requests (the response says `Connection: close`, as nginx's keepalive_requests
-# does) makes clients reconnect, and each reconnect goes to whichever worker accepts it first.
+# Closing a connection after KEEPALIVE_REQUESTS requests spreads busy kept-alive connections over the
+# workers as their clients reconnect: docs/decisions/001-event-loop-worker.md.
 _keepalive_requests = settings.keepalive_requests()
 preload_app = False
 timeout = 30
@@ -62,7 +58,10 @@ _created_metrics_dir: list[str] = []
 
 
 def on_starting(server):
-    """In the master, before any worker: refuse to start without a token, prepare shared metrics."""
+    """In the master, before any worker: say why the event-loop worker cannot serve, if so; refuse to
+    start without a token; prepare shared metrics."""
+    if _worker.warning:
+        server.log.warning("%s", _worker.warning)
     try:
         tokens = settings.api_tokens()
     except settings.SettingsError as exc:
@@ -108,14 +107,19 @@ def _import_libraries(server) -> None:
 
 
 def pre_request(worker, req):
-    """Close the client's connection after this response once it has carried KEEPALIVE_REQUESTS."""
+    """Close the client's connection after this response once it has carried KEEPALIVE_REQUESTS;
+    let the app close it too (service/connection.py)."""
     if _keepalive_requests and req.req_number >= _keepalive_requests:
         req.must_close = True
+    connection.serving(req)
 
 
 def post_fork(server, worker):
-    """In each new worker: send the service's log lines where gunicorn's error log goes."""
+    """In each new worker: note its class for /ready; send the service's log lines where gunicorn's
+    error log goes."""
     import logging
+
+    worker_choice.record_worker(worker)
 
     service_log = logging.getLogger("service")
     service_log.handlers = list(server.log.error_log.handlers)

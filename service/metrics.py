@@ -10,6 +10,12 @@ version (so a roll-over shows both versions for a moment), `fraud_model_loaded` 
 `fraud_registry_reachable` take the minimum over live workers (0 if any worker lacks a model or
 cannot reach the registry), `fraud_model_onnx_retrying` the maximum (1 if any worker serves
 scikit-learn while it retries its version's ONNX artifact).
+
+The challenger that scores requests in the shadow has metrics of its own (`fraud_shadow_*`), so the
+champion's are the same with or without one: the rows it scored, those on which the two models decide
+differently (each at its own threshold), its probabilities, and the rows it did not score and why
+(`none`: no challenger; `same_version`: the champion is the challenger; `not_onnx`: a challenger on the
+slow scikit-learn flavour is not run on the request path; `error`: it raised).
 """
 
 from __future__ import annotations
@@ -27,9 +33,11 @@ from prometheus_client import (
 )
 
 from common import settings
+from service import connection
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 PROBABILITY_BUCKETS = (0.01, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0)
+SHADOW_SKIP_REASONS = ("none", "same_version", "not_onnx", "error")
 
 
 class Metrics:
@@ -68,6 +76,25 @@ class Metrics:
         self.logged_rows = Counter("fraud_request_log_rows", "Rows committed to the request log.", registry=r)
         self.feedback = Counter("fraud_feedback_labels", "Feedback labels, by result (updated or unknown).",
                                 ["result"], registry=r)
+        self.unread_bodies = Counter("fraud_unread_bodies",
+                                     "Request bodies an answer left unread (401, 404, 413, 415...), by outcome: "
+                                     "drained before the answer, or the connection closed after it (too_large, "
+                                     "too_slow, failed).", ["outcome"], registry=r)
+        self.shadow_rows = Counter("fraud_shadow_rows", "Rows the challenger scored in the shadow.", registry=r)
+        self.shadow_disagreements = Counter("fraud_shadow_disagreements",
+                                            "Shadow-scored rows on which champion and challenger decide differently, "
+                                            "each at its own threshold.", registry=r)
+        self.shadow_skipped = Counter("fraud_shadow_skipped_rows", "Rows the challenger did not score, by reason.",
+                                      ["reason"], registry=r)
+        self.shadow_probability = Histogram("fraud_shadow_probability",
+                                            "The challenger's fraud probability of shadow-scored rows.",
+                                            buckets=PROBABILITY_BUCKETS, registry=r)
+        self.shadow_model_info = Gauge("fraud_shadow_model_info", "Live workers shadow-scoring with each version.",
+                                       ["model_name", "model_version", "flavor"], multiprocess_mode="livesum",
+                                       registry=r)
+        self.shadow_reloads = Counter("fraud_shadow_model_reloads",
+                                      "Challenger load attempts, by result (loaded, refused or dropped).", ["result"],
+                                      registry=r)
         self.registry_reachable.set(1)
         self.model_loaded.set(0)
         self.refused_version.set(0)
@@ -79,6 +106,12 @@ class Metrics:
             self.reloads.labels(result)
         for result in ("updated", "unknown"):
             self.feedback.labels(result)
+        for outcome in connection.OUTCOMES:
+            self.unread_bodies.labels(outcome)
+        for reason in SHADOW_SKIP_REASONS:
+            self.shadow_skipped.labels(reason)
+        for result in ("loaded", "refused", "dropped"):
+            self.shadow_reloads.labels(result)
         self._fraud = self.predictions.labels("fraud")
         self._legit = self.predictions.labels("legit")
         self._latency_children: dict[tuple[str, int], Histogram] = {}
@@ -101,6 +134,13 @@ class Metrics:
             if len(is_fraud) - frauds:
                 self._legit.inc(len(is_fraud) - frauds)
         observe_many(self.probability, probabilities)
+
+    def count_shadow(self, probabilities: Sequence[float], disagreements: int) -> None:
+        """Count one request's shadow-scored rows and the champion/challenger disagreements among them."""
+        self.shadow_rows.inc(len(probabilities))
+        if disagreements:
+            self.shadow_disagreements.inc(disagreements)
+        observe_many(self.shadow_probability, probabilities)
 
     def render(self) -> tuple[bytes, str]:
         """The exposition text and its content type, summed over workers in multiprocess mode."""

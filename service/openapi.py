@@ -10,7 +10,18 @@ from __future__ import annotations
 
 from common.schema import FEATURES, N_FEATURES
 from service.errors import ERROR_STATUS
-from service.parsing import FEATURE_LIMIT, INVOCATION_FORMATS, MAX_REQUEST_ID_LENGTH, NAMED_COLUMNS, V_FEATURES
+from service.parsing import (
+    CSV,
+    FEATURE_LIMIT,
+    INVOCATION_FORMATS,
+    JSON,
+    MAX_REQUEST_ID_LENGTH,
+    NAMED_COLUMNS,
+    PARQUET,
+    RAW_AMOUNT,
+    SCALED,
+    V_FEATURES,
+)
 
 API_VERSION = "1.0.0"
 _FEEDBACK_CODES = ("malformed_json", "invalid_input", "too_many_rows", "unauthorized", "request_timeout",
@@ -36,7 +47,8 @@ _STATUS_TEXT = {
     401: "Missing or invalid Bearer token.",
     408: "The client stopped sending the body for CLIENT_TIMEOUT seconds; nothing was scored or stored.",
     413: "The body is larger than MAX_BODY_BYTES.",
-    415: "Content-Type is not application/json (UTF-8).",
+    415: "Content-Type is not one the endpoint takes: application/json (UTF-8); /invocations also takes text/csv "
+         "and application/vnd.apache.parquet, with no Content-Type parameter but a UTF-8 charset.",
     503: "The service cannot answer this now; nothing was scored or stored.",
 }
 
@@ -74,6 +86,27 @@ def _schemas(max_rows: int) -> dict:
         },
         "Records": {"type": "array", "items": _ref("Record"), "minItems": 1, "maxItems": max_rows,
                     "description": f"1 to {max_rows} records (MAX_ROWS)."},
+        "Columns": {
+            "type": "object",
+            "description": "pandas `to_dict(orient='list')`: one array per column, V1..V28 and exactly one of "
+                           f"Amount_scaled or Amount, each of 1 to {max_rows} numbers (MAX_ROWS). All arrays must have "
+                           "the same length; JSON Schema cannot say so, and the service refuses unequal lengths with "
+                           "400.",
+            "properties": {name: {"type": "array", "items": _ref("Feature"), "minItems": 1, "maxItems": max_rows}
+                           for name in NAMED_COLUMNS},
+            "required": list(V_FEATURES),
+            "additionalProperties": False,
+            "oneOf": [{"required": [SCALED]}, {"required": [RAW_AMOUNT]}],
+        },
+        "Table": {
+            "description": f"A table of 1 to {max_rows} rows (MAX_ROWS), shown here as its records: one column per "
+                           "feature, V1..V28 and either Amount_scaled or the raw Amount for every row. As text/csv: a "
+                           "header row of the column names in any order, then one row per transaction (pandas "
+                           "`to_csv(index=False)`; rows are numbered from 0 after the header). As Parquet: pandas "
+                           "`to_parquet()`, integer or floating-point columns without nulls; a stored index is "
+                           "ignored.",
+            "oneOf": [_table(max_rows, SCALED), _table(max_rows, RAW_AMOUNT)],
+        },
         "ColumnNames": {
             "type": "array",
             "description": "The column names of `data`, in any order: V1..V28 and exactly one of Amount_scaled "
@@ -109,8 +142,9 @@ def _schemas(max_rows: int) -> dict:
             },
         },
         "InvocationsRequest": {
-            "description": "MLflow's scoring protocol: exactly one input format, and optionally `params` "
-                           "(accepted and ignored: the model takes no parameters).",
+            "description": "MLflow's scoring protocol: exactly one input format, and optionally `params` (an object "
+                           "or null, accepted and ignored: the model takes no parameters). `instances` and `inputs` "
+                           "take rows, records, columns by name, or one record.",
             "oneOf": [_invocation_format(name) for name in INVOCATION_FORMATS],
         },
         "DataframeSplit": {
@@ -168,7 +202,7 @@ def _schemas(max_rows: int) -> dict:
         },
         "ReadyResponse": {
             "type": "object",
-            "required": ["status", "model", "registry", "problem", "refused", "request_log"],
+            "required": ["status", "model", "registry", "problem", "refused", "request_log", "worker"],
             "properties": {
                 "status": {"type": "string", "enum": ["ready", "not_ready"]},
                 "error": _ref("ErrorDetail"),
@@ -201,6 +235,22 @@ def _schemas(max_rows: int) -> dict:
                     "properties": {"location": {"type": "string"}, "last_error": {"type": ["string", "null"]},
                                    "last_error_at": {"type": ["number", "null"]}},
                 },
+                "worker": {
+                    "type": "object", "required": ["class", "fallback_reason"],
+                    "properties": {
+                        "class": {"type": ["string", "null"],
+                                  "description": "The gunicorn worker class serving; null outside gunicorn."},
+                        "fallback_reason": {"type": ["string", "null"],
+                                            "description": "Why gunicorn's stock gthread worker serves instead of "
+                                                           "the event-loop worker (WEB_WORKER)."},
+                    },
+                },
+                "role": {"type": "string", "enum": ["champion"]},
+                "challenger": {"oneOf": [{"type": "null"}, {
+                    "type": "object", "required": ["role", "model", "registry", "problem", "refused"],
+                    "description": "The Staging version this worker scores requests with in the shadow, in the "
+                                   "same shape as the champion's fields; null when SHADOW=off or MODEL_URI is set.",
+                }]},
             },
         },
         "VersionResponse": {
@@ -216,6 +266,13 @@ def _schemas(max_rows: int) -> dict:
                 "run_id": {"type": ["string", "null"]},
                 "flavor": {"type": "string", "enum": ["onnx", "sklearn"]},
                 "loaded_at": {"type": "number", "description": "Unix time the worker loaded it."},
+                "challenger": {"oneOf": [{"type": "null"}, {
+                    "type": "object",
+                    "required": ["model_name", "model_version", "stage", "threshold", "run_id", "flavor", "loaded_at"],
+                    "description": "The Staging version that scores every request in the shadow; its scores are "
+                                   "logged, never answered.",
+                }]},
+                "shadow": {"type": "string", "enum": ["on", "off"], "description": "SHADOW."},
             },
         },
     }
@@ -227,9 +284,18 @@ def _invocation_format(name: str) -> dict:
     elif name == "dataframe_records":
         value = _ref("Records")
     else:
-        value = {"oneOf": [_ref("Rows"), _ref("Records")]}
+        value = {"oneOf": [_ref("Rows"), _ref("Records"), _ref("Columns"), _ref("Record")]}
     return {"type": "object", "required": [name], "additionalProperties": False,
-            "properties": {name: value, "params": {"type": "object", "description": "Ignored."}}}
+            "properties": {name: value, "params": {"type": ["object", "null"], "description": "Ignored."}}}
+
+
+def _table(max_rows: int, amount: str) -> dict:
+    """The records of a table whose amount column is `amount` in every row."""
+    names = (*V_FEATURES, amount)
+    return {"type": "array", "minItems": 1, "maxItems": max_rows, "items": {
+        "type": "object", "properties": {name: _ref("Feature") for name in names}, "required": list(names),
+        "additionalProperties": False,
+    }}
 
 
 def openapi_document(*, max_rows: int, max_body_bytes: int) -> dict:
@@ -251,6 +317,9 @@ def openapi_document(*, max_rows: int, max_body_bytes: int) -> dict:
                 "content": {"application/json": {"schema": _ref(schema)}}}
 
     scoring_errors = _errors(400, 401, 408, 413, 415, 503)
+    alive = {"200": {"description": "The process answers.", "content": {"application/json": {
+        "schema": {"type": "object", "required": ["status"], "additionalProperties": False,
+                   "properties": {"status": {"const": "ok"}}}}}}}
     return {
         "openapi": "3.1.0",
         "info": {
@@ -281,10 +350,15 @@ def openapi_document(*, max_rows: int, max_body_bytes: int) -> dict:
             "/invocations": {"post": {
                 "operationId": "invocations",
                 "summary": "MLflow scoring protocol",
-                "description": "For MLflow clients and tools. Rows are logged as with /predict; row i's "
-                               "request_id is `<X-Request-ID>-<i>`.",
+                "description": "For MLflow clients and tools: the bodies MLflow's scoring server takes, as JSON, "
+                               "CSV or Parquet. Rows are logged as with /predict; row i's request_id is "
+                               "`<X-Request-ID>-<i>`.",
                 "security": bearer,
-                "requestBody": json_body("InvocationsRequest"),
+                "requestBody": {"required": True, "content": {
+                    JSON: {"schema": _ref("InvocationsRequest")},
+                    CSV: {"schema": _ref("Table")},
+                    PARQUET: {"schema": _ref("Table")},
+                }},
                 "responses": {"200": ok("InvocationsResponse", "The fraud probability of each row."),
                               **scoring_errors},
             }},
@@ -306,14 +380,10 @@ def openapi_document(*, max_rows: int, max_body_bytes: int) -> dict:
                     **_errors(401),
                 },
             }},
-            "/health": {"get": {
-                "operationId": "health",
-                "summary": "Liveness",
-                "security": [],
-                "responses": {"200": {"description": "The process answers.", "content": {"application/json": {
-                    "schema": {"type": "object", "required": ["status"], "additionalProperties": False,
-                               "properties": {"status": {"const": "ok"}}}}}}},
-            }},
+            "/health": {"get": {"operationId": "health", "summary": "Liveness", "security": [],
+                                "responses": alive}},
+            "/ping": {"get": {"operationId": "ping", "security": [], "responses": alive,
+                              "summary": "Liveness, under the name MLflow's scoring server and its clients use"}},
             "/ready": {"get": {
                 "operationId": "ready",
                 "summary": "Readiness of the answering worker",

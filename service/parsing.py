@@ -6,13 +6,18 @@ database. Rows and records are numbered from 0, as they are indexed in the body.
 Accepted values are JSON numbers within ±FEATURE_LIMIT; booleans, strings, null, NaN and ±Infinity
 are refused. Raw `Amount` (records and named columns only) is turned into `Amount_scaled` with the
 stored feature config, exactly as training did.
+
+/invocations also takes the tables MLflow's scoring server takes: CSV with a header row (`csv_batch`)
+and Parquet (`parquet_batch`), under the same rules: named columns, finite numbers, MAX_ROWS.
 """
 
 from __future__ import annotations
 
+import csv
 import gc
+import io
 import itertools
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -20,6 +25,7 @@ import orjson
 
 from common.features import AmountScaler
 from common.schema import FEATURES, N_FEATURES
+from common.text import first_line
 from service.errors import ApiError, invalid
 
 # Far beyond any real feature (PCA components and scaled amounts are within a few hundred) and
@@ -30,6 +36,11 @@ SCALED = FEATURES[-1]
 RAW_AMOUNT = "Amount"
 NAMED_COLUMNS = (*FEATURES, RAW_AMOUNT)
 INVOCATION_FORMATS = ("dataframe_split", "dataframe_records", "instances", "inputs")
+# The media types of MLflow's scoring server (mlflow.pyfunc.scoring_server.CONTENT_TYPES).
+JSON = "application/json"
+CSV = "text/csv"
+PARQUET = "application/vnd.apache.parquet"
+INVOCATION_MEDIA_TYPES = (JSON, CSV, PARQUET)
 MAX_REQUEST_ID_LENGTH = 64
 
 _NUMBER_TYPES = frozenset({int, float})
@@ -115,9 +126,45 @@ def predict_batch(payload: object, *, max_rows: int, scaler: ScalerSource) -> Ba
 # --- /invocations (MLflow's scoring protocol) ----------------------------------------------------------
 
 
+def invocations_media_type(mimetype: str, params: Mapping[str, str]) -> str:
+    """The media type of an /invocations body, checked as MLflow's scoring server checks it: one of
+    INVOCATION_MEDIA_TYPES, with no parameter but an optional UTF-8 charset.
+
+    Raises:
+        ApiError: unsupported_media_type.
+    """
+    if mimetype not in INVOCATION_MEDIA_TYPES:
+        accepted = ", ".join(INVOCATION_MEDIA_TYPES)
+        raise ApiError("unsupported_media_type", f"Content-Type is {mimetype or 'none'}; send one of {accepted}")
+    for name, value in params.items():
+        if name != "charset":
+            # MLflow 1.x clients sent `format=pandas-split`; that protocol is gone, as in MLflow 2+.
+            raise ApiError("unsupported_media_type", f"the Content-Type parameter {_clip(name)!r} is not accepted; "
+                                                     f"send {mimetype} with at most a UTF-8 charset")
+        if value.lower().replace("-", "") != "utf8":
+            raise ApiError("unsupported_media_type", f"charset {_clip(value)} is not accepted; the body must be UTF-8")
+    return mimetype
+
+
+def invocations_body(media_type: str, body: bytes, *, max_rows: int, scaler: ScalerSource) -> Batch:
+    """An /invocations body of one of INVOCATION_MEDIA_TYPES (see `invocations_media_type`).
+
+    Raises:
+        ApiError: as `invocations_batch`, `csv_batch` or `parquet_batch`.
+    """
+    if media_type == CSV:
+        return csv_batch(body, max_rows=max_rows, scaler=scaler)
+    if media_type == PARQUET:
+        return parquet_batch(body, max_rows=max_rows, scaler=scaler)
+    return invocations_batch(parse_json(body), max_rows=max_rows, scaler=scaler)
+
+
 def invocations_batch(payload: object, *, max_rows: int, scaler: ScalerSource) -> Batch:
     """MLflow's scoring-server JSON: exactly one of dataframe_split, dataframe_records, instances,
-    inputs; an optional `params` object is accepted and ignored (the model takes no parameters).
+    inputs; an optional `params` object (or null) is accepted and ignored (the model takes no parameters).
+
+    `instances` and `inputs` hold rows of 29 numbers, records, or columns by name
+    (`{"V1": [...], ...}`, pandas' `to_dict(orient="list")`; one number per column is one row).
 
     Raises:
         ApiError: as `predict_batch`.
@@ -130,22 +177,48 @@ def invocations_batch(payload: object, *, max_rows: int, scaler: ScalerSource) -
     if len(given) != 1:
         found = f"got {', '.join(repr(g) for g in given)}" if given else "got none"
         raise invalid(f"give exactly one of {formats}; {found}")
-    if "params" in payload and type(payload["params"]) is not dict:
-        raise invalid(f"'params' is {_kind(payload['params'])}; expected an object")
+    params = payload.get("params")
+    if params is not None and type(params) is not dict:
+        raise invalid(f"'params' is {_kind(params)}; expected an object or null")
     name = given[0]
     value = payload[name]
     if name == "dataframe_split":
         return _dataframe_split(value, max_rows, scaler)
     if name == "dataframe_records":
         return records_batch(value, name, max_rows=max_rows, scaler=scaler)
-    # instances / inputs: rows or records. The columnar form ({"V1": [...], ...}) is refused: its
-    # columns' equal lengths cannot be stated in the OpenAPI schema, which must match exactly.
     if type(value) is dict:
-        raise invalid(f"'{name}' is an object; send an array of rows of {N_FEATURES} numbers or an array of "
-                      "records (the columnar form is not accepted)")
+        return _columns_batch(value, name, max_rows, scaler)
     if type(value) is list and value and type(value[0]) is dict:
         return records_batch(value, name, max_rows=max_rows, scaler=scaler)
     return Batch(rows_array(value, name, max_rows=max_rows))
+
+
+def _columns_batch(columns: dict, field: str, max_rows: int, scaler: ScalerSource) -> Batch:
+    """`{"V1": [...], ..., "Amount_scaled": [...]}`: one array per column, all of one length; or one
+    number per column, which is one record."""
+    arrays = [v for v in columns.values() if type(v) is list]
+    if not arrays:
+        return records_batch([columns], field, max_rows=max_rows, scaler=scaler)
+    names = _column_names(list(columns), f"'{field}'")
+    if len(arrays) != len(columns):
+        scalar = next(c for c in names if type(columns[c]) is not list)
+        raise invalid(f"'{field}' column {scalar!r} is {_kind(columns[scalar])} where the others are arrays; "
+                      "give every column as an array of one number per row")
+    first = names[0]
+    _check_count(columns[first], f"{field}.{first}", max_rows, "numbers, one per row")
+    n_rows = len(columns[first])
+    for name in names:
+        if len(columns[name]) != n_rows:
+            raise invalid(f"'{field}' column {name!r} has {len(columns[name])} values and column {first!r} "
+                          f"{n_rows}; every column needs one value per row")
+    if not _numbers_only(arrays):
+        for name in names:
+            for i, v in enumerate(columns[name]):
+                if type(v) not in _NUMBER_TYPES:
+                    raise invalid(f"'{field}' column {name!r} value {i} is {_kind(v)}, expected a number")
+    X = np.array([columns[name] for name in names], dtype=np.float64).T
+    _check_range(X, lambda i, j: f"'{field}' column {names[j]!r} value {i}")
+    return _reorder(X, names, scaler)
 
 
 def _dataframe_split(value: object, max_rows: int, scaler: ScalerSource) -> Batch:
@@ -191,6 +264,149 @@ def _reorder(X: np.ndarray, columns: tuple[str, ...], scaler: ScalerSource) -> B
     amount = X[:, -1].copy()
     X[:, -1] = scaler().transform(amount)
     return Batch(X, amount)
+
+
+# --- /invocations: CSV and Parquet tables -------------------------------------------------------------
+
+
+def csv_batch(body: bytes, *, max_rows: int, scaler: ScalerSource) -> Batch:
+    """A CSV table: a header row naming the columns (V1..V28 and Amount_scaled or the raw Amount, in
+    any order), then one row per transaction, read with pandas as MLflow's scoring server reads it.
+    Rows are numbered from 0, the first row after the header.
+
+    Raises:
+        ApiError: invalid_input (not UTF-8, no header, a column or value that is not accepted),
+            too_many_rows, or feature_config_unavailable.
+    """
+    import pandas as pd
+
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise invalid(f"the CSV body is not UTF-8 ({exc})") from None
+    names = _csv_header(text)
+    columns = _column_names(names, "the CSV header")
+    try:
+        # header=None: the header was read above, and pandas would take a row one value longer than
+        # the header as an index (shifting every value by a column) instead of refusing it.
+        frame = pd.read_csv(io.StringIO(text), header=None, skiprows=1, nrows=max_rows + 1)
+    except pd.errors.EmptyDataError:
+        raise invalid("the CSV body has a header row but no rows; send at least one row") from None
+    except (ValueError, csv.Error) as exc:  # pandas' ParserError is a ValueError
+        raise invalid(f"the body is not a CSV table: {first_line(exc)}") from None
+    if len(frame) > max_rows:
+        raise ApiError("too_many_rows", f"the CSV body has more than {max_rows} rows; at most {max_rows} (MAX_ROWS) "
+                                        "are accepted per request")
+    if frame.shape[1] != len(columns):
+        raise invalid(f"the CSV rows have {frame.shape[1]} values and the header names {len(columns)} columns; "
+                      "every row needs one value per column")
+    for j, name in enumerate(columns):
+        values = frame[j]
+        if values.dtype.kind not in "iuf":
+            raise _not_numbers(values.tolist(), lambda i, name=name: f"row {i} column {name!r}")
+    X = frame.to_numpy(dtype=np.float64)
+    _check_range(X, lambda i, j: f"row {i} column {columns[j]!r}")
+    return _reorder(X, columns, scaler)
+
+
+def _csv_header(text: str) -> list[str]:
+    # Counted before the csv module makes a string of every name: a 4 MB header could hold a million.
+    if text.partition("\n")[0].count(",") >= len(NAMED_COLUMNS):
+        raise invalid(f"the CSV header has more than {len(NAMED_COLUMNS)} columns; expected {N_FEATURES}: V1..V28 and "
+                      "Amount_scaled or Amount")
+    try:
+        names = next(csv.reader(io.StringIO(text)), None)
+    except csv.Error as exc:
+        raise invalid(f"the CSV header row cannot be read: {first_line(exc)}") from None
+    if not names:
+        raise invalid("the CSV body is empty; send a header row of column names (V1..V28 and Amount_scaled or "
+                      "Amount), then one row per transaction")
+    if names[0] == "":
+        raise invalid("the first CSV column has no name: it looks like a DataFrame index; write the table with "
+                      "to_csv(index=False)")
+    if all(_is_number(name) for name in names):
+        raise invalid("the first CSV row holds numbers, not column names; a CSV body starts with a header row "
+                      "(V1..V28 and Amount_scaled or Amount)")
+    return names
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def parquet_batch(body: bytes, *, max_rows: int, scaler: ScalerSource) -> Batch:
+    """A Parquet table (pandas' `to_parquet`): columns V1..V28 and Amount_scaled or the raw Amount,
+    of integer or floating-point type, without nulls. A pandas index stored with it is ignored.
+
+    The row count and the column types are checked in the file's footer before any column is read,
+    so a small file cannot make the worker decode more than MAX_ROWS rows of 29 numbers.
+
+    Raises:
+        ApiError: invalid_input (not Parquet, a column or value that is not accepted), too_many_rows,
+            or feature_config_unavailable.
+    """
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    if not body:
+        raise invalid("the Parquet body is empty; send a table written by DataFrame.to_parquet()")
+    try:
+        parquet = pq.ParquetFile(pa.BufferReader(body))
+        schema = parquet.schema_arrow
+    except (pa.ArrowException, OSError, ValueError) as exc:
+        raise invalid(f"the body is not a Parquet file: {first_line(exc)}") from None
+    n_rows = parquet.metadata.num_rows
+    if n_rows > max_rows:
+        raise ApiError("too_many_rows", f"the Parquet table has {n_rows} rows; at most {max_rows} (MAX_ROWS) are "
+                                        "accepted per request")
+    if n_rows < 1:
+        raise invalid("the Parquet table has no rows; send at least one row")
+    index = _pandas_index_columns(schema)
+    columns = _column_names([name for name in schema.names if name not in index], "the Parquet table")
+    for name in columns:
+        kind = schema.field(name).type
+        if not (pa.types.is_integer(kind) or pa.types.is_floating(kind)):
+            raise invalid(f"the Parquet column {name!r} is of type {kind}, expected integers or floating-point numbers")
+    try:
+        table = parquet.read(columns=list(columns), use_pandas_metadata=False)
+    except (pa.ArrowException, OSError, ValueError) as exc:
+        raise invalid(f"the Parquet table cannot be read: {first_line(exc)}") from None
+    arrays = []
+    for name in columns:
+        column = table.column(name)
+        if column.null_count:
+            first = next(i for i, v in enumerate(column.is_null().to_pylist()) if v)
+            raise invalid(f"row {first} column {name!r} is null, expected a finite number")
+        arrays.append(column.to_numpy())
+    X = np.column_stack(arrays).astype(np.float64, copy=False)
+    if X.shape[0] > max_rows:  # the footer said otherwise; pyarrow read what the pages hold
+        raise ApiError("too_many_rows", f"the Parquet table has {X.shape[0]} rows; at most {max_rows} (MAX_ROWS) "
+                                        "are accepted per request")
+    _check_range(X, lambda i, j: f"row {i} column {columns[j]!r}")
+    return _reorder(X, columns, scaler)
+
+
+def _pandas_index_columns(schema) -> set[str]:
+    """The columns pandas' `to_parquet` stored the DataFrame's index in, from the note it leaves in the
+    schema; none when the note is missing or malformed (an index column then counts as unknown)."""
+    try:
+        note = schema.pandas_metadata
+    except ValueError:  # the note is not JSON
+        return set()
+    index = note.get("index_columns") if isinstance(note, dict) else None
+    return {c for c in index if isinstance(c, str)} if isinstance(index, list) else set()
+
+
+def _not_numbers(values: Sequence, where: Callable[[int], str]) -> ApiError:
+    """The error for a table column that did not read as numbers, naming its first value that is no
+    number (a string pandas left as text, like '1_000', when Python's float() would take every one)."""
+    culprits = [i for i, v in enumerate(values) if type(v) is bool or (type(v) is str and not _is_number(v))]
+    i = (culprits or [i for i, v in enumerate(values) if type(v) is str] or [0])[0]
+    return invalid(f"{where(i)} is {_clip(str(values[i]))!r}, expected a number")
 
 
 # --- shared: rows and records -------------------------------------------------------------------------

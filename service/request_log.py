@@ -27,7 +27,8 @@ from service.scoring import Predictions
 
 log = logging.getLogger("service.request_log")
 
-COLUMNS = ("request_id", "ts", *FEATURES, "Amount", "score", "decision", "threshold", "model_name", "model_version")
+COLUMNS = ("request_id", "ts", *FEATURES, "Amount", "score", "decision", "threshold", "model_name", "model_version",
+           "shadow_score", "shadow_decision", "shadow_version")
 # With the busy timeout inside each attempt, a locked SQLite file gets about 3 x 5 s before a 503.
 WRITE_RETRIES = 2
 
@@ -89,8 +90,10 @@ class RequestLog:
                                  wait=tenacity.wait_incrementing(start=0.05, increment=0.05),
                                  failure=f"request log {describe(self.location)} cannot be opened")
 
-    def record(self, request_id: str, batch: Batch, predictions: Predictions, ts: float | None = None) -> list[str]:
-        """Commit one row per scored row and return their ids.
+    def record(self, request_id: str, batch: Batch, predictions: Predictions, shadow: Predictions | None = None,
+               ts: float | None = None) -> list[str]:
+        """Commit one row per scored row, with the challenger's score beside the champion's when it
+        scored the rows in the shadow, and return their ids.
 
         Raises:
             StoreUnavailable: nothing was written after bounded retries.
@@ -98,7 +101,7 @@ class RequestLog:
         ids = row_ids(request_id, len(batch))
         ts = time.time() if ts is None else ts
         try:
-            self.store().insert_values(COLUMNS, _values(ids, ts, batch, predictions), retries=WRITE_RETRIES)
+            self.store().insert_values(COLUMNS, _values(ids, ts, batch, predictions, shadow), retries=WRITE_RETRIES)
         except StoreUnavailable as exc:
             self._failed(exc)
             raise
@@ -130,7 +133,8 @@ class RequestLog:
             self._store = None
 
 
-def _values(ids: list[str], ts: float, batch: Batch, predictions: Predictions) -> list[tuple] | np.ndarray:
+def _values(ids: list[str], ts: float, batch: Batch, predictions: Predictions,
+            shadow: Predictions | None) -> list[tuple] | np.ndarray:
     """The COLUMNS values of each row: one tuple for the common single row, else an object array
     filled column by column, which is quicker to build than a tuple per row, and from which the
     store hands each multi-row statement its values with one `ravel().tolist()` instead of chaining
@@ -138,8 +142,10 @@ def _values(ids: list[str], ts: float, batch: Batch, predictions: Predictions) -
     threshold, name, version = predictions.threshold, predictions.model_name, predictions.model_version
     if len(ids) == 1:
         amount = None if batch.amount is None or np.isnan(batch.amount[0]) else float(batch.amount[0])
+        seen = (None, None, None) if shadow is None else (shadow.probabilities[0], int(shadow.is_fraud[0]),
+                                                           shadow.model_version)
         return [(ids[0], ts, *batch.X[0].tolist(), amount, predictions.probabilities[0],
-                 int(predictions.is_fraud[0]), threshold, name, version)]
+                 int(predictions.is_fraud[0]), threshold, name, version, *seen)]
     values = np.empty((len(ids), len(COLUMNS)), dtype=object)  # None in every cell until filled
     values[:, 0] = ids
     values[:, 1] = ts
@@ -149,9 +155,14 @@ def _values(ids: list[str], ts: float, batch: Batch, predictions: Predictions) -
         values[given, _AMOUNT] = batch.amount[given]
     values[:, _AMOUNT + 1] = predictions.probabilities
     values[:, _AMOUNT + 2] = predictions.is_fraud.astype(np.int8)
-    values[:, _AMOUNT + 3:] = (threshold, name, version)
+    values[:, _AMOUNT + 3:_SHADOW] = (threshold, name, version)
+    if shadow is not None:
+        values[:, _SHADOW] = shadow.probabilities
+        values[:, _SHADOW + 1] = shadow.is_fraud.astype(np.int8)
+        values[:, _SHADOW + 2] = shadow.model_version
     return values
 
 
 _FIRST_FEATURE = COLUMNS.index(FEATURES[0])
 _AMOUNT = COLUMNS.index("Amount")
+_SHADOW = COLUMNS.index("shadow_score")

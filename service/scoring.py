@@ -62,3 +62,10 @@ def score(rows: np.ndarray, model: ServingModel) -> Predictions:
     probabilities = np.ascontiguousarray(model.bundle.predict_proba(rows), dtype=np.float64)
     return Predictions(probabilities, is_fraud(probabilities, model.threshold), model.threshold,
                        model.name, model.version)
+
+
+def disagreements(champion: Predictions, challenger: Predictions) -> int:
+    """Rows on which two models' decisions differ, each decided at its own threshold."""
+    if len(champion) == 1:
+        return int(champion.is_fraud[0] != challenger.is_fraud[0])
+    return int(np.count_nonzero(np.asarray(champion.is_fraud) != np.asarray(challenger.is_fraud)))

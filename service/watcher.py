@@ -1,24 +1,29 @@
-"""Which model a worker serves: the registry's champion, loaded and kept current.
+"""Which models a worker holds: the registry's Production version (the champion, which answers), and
+its Staging version (the challenger, which scores the same requests in the shadow), each loaded and
+kept current.
 
-Each gunicorn worker runs one `ModelWatcher`, started after fork when the app is created. A
-background thread asks the registry every MODEL_POLL_SECONDS which version it should serve (the
-version of MODEL_NAME with alias `champion`, which the promotion gate keeps in stage Production;
-for a registry without that alias, the newest Production version; see
-`common.registry.production_version` and docs/decisions/017-watcher-follows.md; or what MODEL_URI
-names) and, when that changes, loads the new version
-beside the old one and swaps them with one reference assignment. Requests read `watcher.current`
-once, so each is scored by exactly one version, and none fails during a swap.
+Each gunicorn worker runs one `ModelWatcher` per role, started after fork when the app is created. A
+background thread asks the registry every MODEL_POLL_SECONDS which version the role holds (for the
+champion, the version of MODEL_NAME with alias `champion`, which the promotion gate keeps in stage
+Production, or what MODEL_URI names; for the challenger, the version with alias `challenger`, which
+training keeps in stage Staging; a registry without aliases is read by stage: see
+`common.registry.production_version`, `challenger_version` and docs/decisions/017-watcher-follows.md)
+and, when that changes, loads the new version beside the old one and swaps them with one reference
+assignment. Requests read `watcher.current` once, so each is scored by exactly one version, and none
+fails during a swap.
 
 - Registry unreachable: keep serving the loaded model; report it in `status()` and the
   `fraud_registry_reachable` gauge.
 - No version yet: serve nothing (the app answers 503) until one is promoted.
 - A version that cannot be loaded (`ModelLoadError`): refuse it, keep the old model, report it in
   `status()`, the log and `fraud_model_refused_version`; retry it only after `refused_retry_seconds`.
+- The challenger is dropped when the registry names none any more (a promotion took it to
+  Production): a worker never shadow-scores with a version that is not the challenger.
 - A version whose ONNX artifact could not be downloaded (a registry or artifact store that failed
   for a moment): serve it with scikit-learn, about a hundred times slower per row, and try the ONNX
   artifact again in a background thread, with exponential backoff from `onnx_retry_seconds` up to
   `onnx_retry_max_seconds`, until it loads; then swap in the ONNX flavor. Meanwhile `status()`
-  (so /ready) and the `fraud_model_onnx_retrying` gauge say so.
+  (so /ready) and, for the champion, the `fraud_model_onnx_retrying` gauge say so.
 """
 
 from __future__ import annotations
@@ -38,6 +43,53 @@ from service.metrics import Metrics
 from service.scoring import ServingModel
 
 log = logging.getLogger("service.model")
+
+CHAMPION, CHALLENGER = "champion", "challenger"
+STAGES = {CHAMPION: "Production", CHALLENGER: "Staging"}
+
+
+class _RoleMetrics:
+    """What a watcher reports, by role: the champion's `fraud_model_*` gauges, the challenger's
+    `fraud_shadow_*` ones (a missing challenger is normal and sets no alarm)."""
+
+    def __init__(self, metrics: Metrics, role: str):
+        self.metrics, self.champion = metrics, role == CHAMPION
+
+    def loaded(self, old: ServingModel | None, new: ModelBundle) -> None:
+        info = self.metrics.model_info if self.champion else self.metrics.shadow_model_info
+        if old is not None:
+            info.labels(old.name, old.version, old.bundle.flavor).set(0)
+        info.labels(new.name, new.version, new.flavor).set(1)
+        if self.champion:
+            self.metrics.model_loaded.set(1)
+            self.metrics.reloads.labels("loaded").inc()
+        else:
+            self.metrics.shadow_reloads.labels("loaded").inc()
+
+    def dropped(self, old: ServingModel) -> None:
+        self.metrics.shadow_model_info.labels(old.name, old.version, old.bundle.flavor).set(0)
+        self.metrics.shadow_reloads.labels("dropped").inc()
+
+    def refused(self, version: str) -> None:
+        if not self.champion:
+            self.metrics.shadow_reloads.labels("refused").inc()
+            return
+        self.metrics.reloads.labels("refused").inc()
+        if version.isdigit():
+            self.metrics.refused_version.set(int(version))
+
+    def reachable(self, ok: bool) -> None:
+        if self.champion:  # the challenger polls the same registry; one gauge says it
+            self.metrics.registry_reachable.set(1 if ok else 0)
+
+    def onnx_retrying(self, retrying: bool) -> None:
+        if self.champion:  # a challenger on scikit-learn is not run on the request path at all
+            self.metrics.onnx_retrying.set(1 if retrying else 0)
+
+    def flavor_changed(self, name: str, version: str, old: str, new: str) -> None:
+        info = self.metrics.model_info if self.champion else self.metrics.shadow_model_info
+        info.labels(name, version, old).set(0)
+        info.labels(name, version, new).set(1)
 
 
 class _NoVersion(Exception):
@@ -80,9 +132,15 @@ class ModelWatcher:
     def __init__(self, metrics: Metrics, *, tracking_uri: Callable[[], str] = settings.tracking_uri,
                  model_name: str | None = None, model_uri: str | None = None, poll_seconds: float = 10.0,
                  threshold_override: float | None = None, refused_retry_seconds: float | None = None,
-                 loader: Callable[..., ModelBundle] = load_bundle, onnx_retry_seconds: float = 1.0,
-                 onnx_retry_max_seconds: float = 300.0):
+                 loader: Callable[..., ModelBundle] = load_bundle, role: str = CHAMPION,
+                 onnx_retry_seconds: float = 1.0, onnx_retry_max_seconds: float = 300.0):
+        if role not in STAGES:
+            raise ValueError(f"role must be one of {sorted(STAGES)}, got {role!r}")
+        if role == CHALLENGER and model_uri:
+            raise ValueError("a challenger follows the registry's Staging version; MODEL_URI names the champion only")
+        self.role = role
         self.metrics = metrics
+        self._report = _RoleMetrics(metrics, role)
         self._tracking_uri = tracking_uri
         self.model_name = model_name or settings.model_name()
         self.model_uri = model_uri
@@ -112,8 +170,8 @@ class ModelWatcher:
 
     @property
     def target(self) -> str:
-        """What this watcher serves, for messages: the MODEL_URI or `<name>`'s alias champion."""
-        return self.model_uri or f"models:/{self.model_name}@{registry.STAGE_ALIASES['Production']}"
+        """What this watcher holds, for messages: the MODEL_URI, or `<name>`'s alias for its role."""
+        return self.model_uri or f"models:/{self.model_name}@{registry.STAGE_ALIASES[STAGES[self.role]]}"
 
     # --- lifecycle ---------------------------------------------------------------------------------
 
@@ -157,6 +215,8 @@ class ModelWatcher:
             self._registry_answered()
             self.target_version = None
             self.problem = str(exc)
+            if self.role == CHALLENGER and self.current is not None:
+                self._drop()
             return
         except Exception as exc:  # connection refused, timeouts, a locked or missing store ...
             self._registry_unreachable(exc)
@@ -195,9 +255,13 @@ class ModelWatcher:
             if len(resolved) != 2:
                 raise _NoVersion(f"MODEL_URI {self.model_uri} names a logged model, not a registered version")
             return resolved[0], str(resolved[1])
-        found = registry.production_version(client, self.model_name)
+        if self.role == CHAMPION:
+            found = registry.production_version(client, self.model_name)
+        else:
+            found = registry.challenger_version(client, self.model_name)
         if found is None:
-            raise _NoVersion(f"no version of {self.model_name!r} has alias champion or is in stage Production")
+            alias = registry.STAGE_ALIASES[STAGES[self.role]]
+            raise _NoVersion(f"no version of {self.model_name!r} has alias {alias} or is in stage {STAGES[self.role]}")
         return self.model_name, str(found.version)
 
     def _registry_client(self):
@@ -212,22 +276,21 @@ class ModelWatcher:
         if self.registry_reachable is False:
             log.warning("model registry reachable again")
         self.registry_reachable, self.registry_error = True, None
-        self.metrics.registry_reachable.set(1)
+        self._report.reachable(True)
 
     def _registry_unreachable(self, exc: Exception) -> None:
         error = first_line(exc)
         if self.registry_reachable is not False:
-            log.error("model registry unreachable (%s); serving %s", error, self._describe_current())
+            log.error("model registry unreachable (%s); %s %s", error, self._holding(), self._describe_current())
         self.registry_reachable, self.registry_error = False, error
-        self.metrics.registry_reachable.set(0)
+        self._report.reachable(False)
 
     def _refuse(self, version: str, error: str) -> None:
         self.refused = Refusal(version, error, time.time())
-        self.metrics.reloads.labels("refused").inc()
-        if version.isdigit():
-            self.metrics.refused_version.set(int(version))
+        self._report.refused(version)
         # ModelLoadError messages already name the model and version.
-        log.error("model load refused: %s; serving %s", error, self._describe_current())
+        what = "model" if self.role == CHAMPION else "challenger"
+        log.error("%s load refused: %s; %s %s", what, error, self._holding(), self._describe_current())
 
     def _swap(self, bundle: ModelBundle, seconds: float) -> None:
         if self.threshold_override is not None:
@@ -237,29 +300,26 @@ class ModelWatcher:
         old = self.current
         self.current = ServingModel(bundle, threshold, source, time.time())  # the swap
         self.problem = None
-        if old is not None:
-            self.metrics.model_info.labels(old.name, old.version, old.bundle.flavor).set(0)
-        self.metrics.model_info.labels(bundle.name, bundle.version, bundle.flavor).set(1)
-        self.metrics.model_loaded.set(1)
-        self.metrics.reloads.labels("loaded").inc()
-        log.info("serving %s version %s (%s, threshold %.4g from %s; was %s); loaded in %.2f s%s",
-                 bundle.name, bundle.version, bundle.flavor, threshold, source,
+        self._report.loaded(old, bundle)
+        log.info("%s %s %s version %s (%s, threshold %.4g from %s; was %s); loaded in %.2f s%s", self.role,
+                 self._holding(), bundle.name, bundle.version, bundle.flavor, threshold, source,
                  f"version {old.version}" if old else "nothing", seconds,
                  f"; ONNX not used: {bundle.onnx_problem}" if bundle.onnx_problem else "")
+
         if bundle.onnx_retryable:
             self._retry_onnx_in_background(self.current)
         else:
             self.onnx_retry = None
-            self.metrics.onnx_retrying.set(0)
+            self._report.onnx_retrying(False)
 
     # --- the ONNX flavor, tried again -----------------------------------------------------------------
 
     def _retry_onnx_in_background(self, served: ServingModel) -> None:
         bundle = served.bundle
         self.onnx_retry = OnnxRetry(bundle.version, bundle.onnx_problem, 1, time.time() + self.onnx_retry_seconds)
-        self.metrics.onnx_retrying.set(1)
-        log.warning("%s version %s is served with scikit-learn until its ONNX artifact loads; retrying it in the "
-                    "background: %s", bundle.name, bundle.version, bundle.onnx_problem)
+        self._report.onnx_retrying(True)
+        log.warning("%s %s version %s is on scikit-learn until its ONNX artifact loads; retrying it in the "
+                    "background: %s", self.role, bundle.name, bundle.version, bundle.onnx_problem)
         threading.Thread(target=self._retry_onnx, args=(served,), name="onnx-retry", daemon=True).start()
 
     def _retry_onnx(self, served: ServingModel) -> None:
@@ -301,19 +361,28 @@ class ModelWatcher:
                 self._onnx_given_up(served, bundle.onnx_problem, attempts)
                 return
             self.current = ServingModel(bundle, served.threshold, served.threshold_source, time.time())
-            self.metrics.model_info.labels(bundle.name, bundle.version, served.bundle.flavor).set(0)
-            self.metrics.model_info.labels(bundle.name, bundle.version, bundle.flavor).set(1)
+            self._report.flavor_changed(bundle.name, bundle.version, served.bundle.flavor, bundle.flavor)
             self.onnx_retry = None
-            self.metrics.onnx_retrying.set(0)
+            self._report.onnx_retrying(False)
         log.info("%s version %s is served with ONNX now, after %d tries of its artifact", bundle.name, version,
                  attempts)
 
     def _onnx_given_up(self, served: ServingModel, problem: str, attempts: int | None = None) -> None:
         previous = self.onnx_retry
         self.onnx_retry = OnnxRetry(served.version, problem, attempts or (previous.attempts if previous else 1), None)
-        self.metrics.onnx_retrying.set(0)
+        self._report.onnx_retrying(False)
         log.error("%s version %s stays on scikit-learn: its ONNX artifact cannot be used: %s", served.name,
                   served.version, problem)
+
+    def _drop(self) -> None:
+        """The challenger left Staging: stop shadow-scoring with it."""
+        old = self.current
+        self.current = None
+        self._report.dropped(old)
+        log.info("challenger %s version %s dropped: %s", old.name, old.version, self.problem)
+
+    def _holding(self) -> str:
+        return "serving" if self.role == CHAMPION else "shadow-scoring with"
 
     def _describe_current(self) -> str:
         current = self.current
@@ -325,6 +394,7 @@ class ModelWatcher:
         """Details for /ready: the loaded model, the registry, the last refused version."""
         current, refused, onnx = self.current, self.refused, self.onnx_retry
         return {
+            "role": self.role,
             "model": None if current is None else {
                 "name": current.name, "version": current.version, "flavor": current.bundle.flavor,
                 "threshold": current.threshold, "loaded_at": current.loaded_at,

@@ -1,12 +1,8 @@
 """The service's default gunicorn worker: requests served on the worker's own event loop.
 
-gunicorn's gthread worker keeps connections in a poller (selectors) and hands each request to a
-thread pool; the pool thread hands the connection back through a pipe. That is two thread hand-offs
-per request, and with four threads per worker every request also queues for the GIL behind the
-others. Measured here (benchmarks/serve.py load, 8 connections, 2 workers, four interleaved
-rounds): 1,222 req/s, p99 22.2 ms, 10 context switches and 1.39 ms of CPU per request. A sync
-worker avoids the hand-offs but serves one connection at a time and waits for it without a limit,
-so two idle connections stop a two-worker service.
+gunicorn's gthread worker hands every request from its poller to a thread pool and back, and a sync
+worker waits for an idle connection without a limit; serving a readable connection at once in the
+worker's own thread avoids both (the figures: docs/decisions/001-event-loop-worker.md).
 
 `EventLoopWorker` keeps gthread's poller and drops its pool:
 
@@ -15,31 +11,131 @@ so two idle connections stop a two-worker service.
 - a readable connection is served at once, in the worker's main thread, and goes back to the
   poller if it stays open.
 
-Same load: 1,856 req/s, p99 11.4 ms, 1.45 context switches and 0.97 ms of CPU per request.
-
 The worker serves one request at a time, so a client that stops sending in the middle of a request,
 or stops reading the response, would hold it. Its socket therefore has a timeout (CLIENT_TIMEOUT,
 default 10 s) for each read and write while a request is served: the worker drops such a client
 and goes on, well before gunicorn's own `timeout` would restart it. A buffering proxy (nginx, an
 ingress) in front removes the issue altogether.
 
-Built on gunicorn's `ThreadWorker` (gunicorn is pinned in requirements.txt): it overrides how
-connections are accepted and where a readable one is served, and keeps the rest (keep-alive
-bookkeeping, timeouts of idle connections, graceful shutdown, the heartbeat).
+Built on gunicorn's `ThreadWorker`, whose internals are no public API: it overrides how connections
+are accepted and where a readable one is served, and keeps the rest (keep-alive bookkeeping,
+timeouts of idle connections, graceful shutdown, the heartbeat). `check_gunicorn` checks every
+assumption it makes about them; service/gunicorn.conf.py runs it in the master and serves with the
+stock gthread worker instead, with one warning, when one fails (service/worker_choice.py).
 """
 
 from __future__ import annotations
 
 import errno
+import inspect
 import selectors
 import socket
 import time
 from concurrent import futures
 from functools import partial
+from types import ModuleType
 
-from gunicorn.workers.gthread import TConn, ThreadWorker
+import gunicorn
+from gunicorn.workers import gthread
 
 from common import settings
+
+# --- what this worker assumes about gunicorn's gthread worker (check_gunicorn checks each) -------------
+
+# Versions whose gthread internals it was built and tested on: 26.2.0, the pinned one, and patch
+# releases of it (the names and signatures below still catch a patch that moves what it uses). 27.0
+# changes murder_keepalived's signature and what finish_request does; 26.1 was not tested.
+GUNICORN_VERSIONS = ((26, 2, 0), (26, 3))  # from, included; to, excluded
+# ThreadWorker methods it overrides or calls, with their parameters.
+THREAD_WORKER_METHODS: dict[str, tuple[str, ...]] = {
+    "init_process": ("self",),
+    "get_thread_pool": ("self",),  # overridden: no pool
+    "accept": ("self", "listener"),  # overridden: the poller's callback for a listening socket
+    "enqueue_req": ("self", "conn"),  # overridden: serve the readable connection now
+    "handle": ("self", "conn"),  # called: serves one request, returns whether the connection stays open
+    "finish_request": ("self", "conn", "fs"),  # called with a done Future: keeps or closes the connection
+    "on_pending_socket_readable": ("self", "conn", "client"),  # the poller's callback for a new connection
+    "murder_keepalived": ("self",),  # overridden: run() calls it without arguments
+    "murder_pending": ("self",),  # overridden: run() calls it without arguments
+    "notify": ("self",),  # called: tells the arbiter the worker is alive
+}
+# Names that ThreadWorker's methods must still use: the attributes this worker reads and writes, and
+# the calls it relies on gthread making (the code's own names, co_names: cheap, and no instance).
+THREAD_WORKER_USES: dict[str, tuple[str, ...]] = {
+    "__init__": ("pending_conns", "keepalived_conns", "nr_conns"),
+    "init_process": ("get_thread_pool", "poller"),
+    "run": ("murder_keepalived", "murder_pending", "shutdown"),  # shutdown: of the pool, here _NoPool
+    # A pending connection that turns readable is marked data_ready, so handle() does not wait for
+    # data (gthread's wait would block this worker's only thread).
+    "on_pending_socket_readable": ("pending_conns", "data_ready", "enqueue_req"),
+    "on_client_socket_readable": ("keepalived_conns", "enqueue_req"),
+    "handle": ("data_ready", "setblocking"),
+    "finish_request": ("result", "keepalived_conns", "nr_conns", "poller", "setblocking"),
+}
+TCONN_METHODS: dict[str, tuple[str, ...]] = {
+    "__init__": ("self", "cfg", "sock", "client", "server"),
+    "close": ("self", "graceful"),
+}
+# TConn switches its socket with setblocking, which _TimedSocket turns into a timeout.
+TCONN_USES: dict[str, tuple[str, ...]] = {"__init__": ("timeout", "setblocking"), "init": ("setblocking",)}
+
+
+def check_gunicorn(version: tuple[int, ...] | None = None, module: ModuleType | None = None) -> list[str]:
+    """Check this worker's assumptions about gunicorn's gthread worker (the tables above).
+
+    Args:
+        version: gunicorn's `version_info`; default: the installed gunicorn's.
+        module: the gthread module to check; default: `gunicorn.workers.gthread`.
+
+    Returns:
+        What does not hold, one phrase each (empty: the worker can run).
+    """
+    version = gunicorn.version_info if version is None else tuple(version)
+    module = gthread if module is None else module
+    problems = []
+    low, high = GUNICORN_VERSIONS
+    if not low <= version < high:
+        problems.append(f"gunicorn {_dotted(version)} is not in the versions this worker was built for "
+                        f"(>={_dotted(low)}, <{_dotted(high)})")
+    for name, methods, uses in (("ThreadWorker", THREAD_WORKER_METHODS, THREAD_WORKER_USES),
+                                ("TConn", TCONN_METHODS, TCONN_USES)):
+        cls = getattr(module, name, None)
+        if not isinstance(cls, type):
+            problems.append(f"gunicorn.workers.gthread has no class {name}")
+            continue
+        problems += _check_class(name, cls, methods, uses)
+    return problems
+
+
+def _check_class(name: str, cls: type, methods: dict[str, tuple[str, ...]],
+                 uses: dict[str, tuple[str, ...]]) -> list[str]:
+    problems = []
+    for method in dict.fromkeys([*methods, *uses]):
+        function = getattr(cls, method, None)
+        if not callable(function):
+            problems.append(f"{name}.{method} is missing")
+            continue
+        if method in methods:
+            try:
+                parameters = tuple(inspect.signature(function).parameters)
+            except (TypeError, ValueError):
+                parameters = ("?",)
+            if parameters != methods[method]:
+                problems.append(f"{name}.{method} takes ({', '.join(parameters)}), "
+                                f"expected ({', '.join(methods[method])})")
+        if method in uses:
+            names = getattr(getattr(function, "__code__", None), "co_names", ())
+            unused = [n for n in uses[method] if n not in names]
+            if unused:
+                problems.append(f"{name}.{method} no longer uses {', '.join(unused)}")
+    return problems
+
+
+def _dotted(version: tuple[int, ...]) -> str:
+    return ".".join(str(part) for part in version)
+
+
+# --- the worker ------------------------------------------------------------------------------------------
 
 
 class _TimedSocket(socket.socket):
@@ -67,7 +163,7 @@ class _NoPool:
         pass
 
 
-class EventLoopWorker(ThreadWorker):
+class EventLoopWorker(gthread.ThreadWorker):
     """gunicorn's gthread worker without the thread pool: see the module docstring."""
 
     def init_process(self) -> None:
@@ -87,7 +183,7 @@ class EventLoopWorker(ThreadWorker):
             raise
         timed = _TimedSocket(client.family, client.type, client.proto, fileno=client.detach())
         self.nr_conns += 1
-        conn = TConn(self.cfg, timed, address, listener.getsockname())
+        conn = gthread.TConn(self.cfg, timed, address, listener.getsockname())
         # gthread's queue of connections that have not sent anything yet: dropped after `keepalive`
         # seconds (murder_pending), in the order they came, so appending keeps it sorted.
         conn.timeout = time.monotonic() + self.cfg.keepalive

@@ -16,6 +16,8 @@ Fixtures:
     trained_model       session: TrainedModel registered in `mlflow_store` (name, version, run_id,
                         threshold, result, env()), stage Staging, alias challenger.
     serving_registry    session: ServingRegistry, versions 1 (Production) and 2 (Staging).
+    private_registry    function: a copy of `serving_registry`'s store this test may change.
+    sample_rows         session: 50 real rows of the reference data (frauds first), FEATURES order.
     make_mlflow_store   function: factory, () -> a fresh MlflowStore under tmp_path.
     train_tiny_model    function: factory, (store, data=reference_data, **TrainParams fields) ->
                         TrainedModel; trains and registers with the env scoped to the call.
@@ -65,6 +67,27 @@ def trained_model(mlflow_store, reference_data) -> TrainedModel:
 def serving_registry(tmp_path_factory, reference_data) -> ServingRegistry:
     """Versions 1 (Production) and 2 (Staging) of the tiny model, for the service and reliability tests."""
     return build_serving_registry(tmp_path_factory.mktemp("serving-registry"), reference_data)
+
+
+@pytest.fixture
+def private_registry(serving_registry, tmp_path) -> MlflowStore:
+    """A copy of `serving_registry` this test may change (stages, new versions)."""
+    return serving_registry.copy(tmp_path / "registry")
+
+
+@pytest.fixture(scope="session")
+def sample_rows(reference_data) -> list[list[float]]:
+    """Real rows of the reference data (frauds first, so both decisions occur), in FEATURES order."""
+    from common.schema import FEATURES, LABEL
+    from common.store import RequestStore
+
+    store = RequestStore(str(reference_data.db), create=False)
+    try:
+        frame = store.read_frame((*FEATURES, LABEL))
+    finally:
+        store.dispose()
+    frame = frame.sort_values(LABEL, ascending=False, kind="stable")
+    return frame[list(FEATURES)].head(50).to_numpy().tolist()
 
 
 @pytest.fixture

@@ -68,8 +68,9 @@ def fit_forest(X: pd.DataFrame, y: np.ndarray, params: TrainParams, say: Callabl
     with warnings.catch_warnings():
         # With few trees some rows are in every tree's bootstrap sample: scikit-learn warns and gives
         # them no score, which `out_of_bag_proba` turns into NaN and the threshold ignores. Only that
-        # warning, only during this fit. (catch_warnings swaps the process-wide filter list; the
-        # thread writing artifacts beside the fit sets no filters, so leaving the block drops none.)
+        # warning, only during this fit. (catch_warnings swaps the process-wide filter list, so no other
+        # thread may enter or leave such a block meanwhile: training imports before it fits, see
+        # training/registration.py import_logging_modules.)
         warnings.filterwarnings("ignore", message="Some inputs do not have OOB scores", category=UserWarning,
                                 module=r"sklearn\.")
         model.fit(X, y)

@@ -156,19 +156,27 @@ def log_inputs(params: TrainParams, data: LabelledData, model_name: str, run_id:
 # --- artifacts --------------------------------------------------------------------------------------
 
 
-def write_data_artifacts(root: Path, data: LabelledData, split: Split, seed: int) -> None:
-    """Write the evaluation rows and a sample of the training features under `root`, and import
-    what logging the model needs (about 3 s of imports): `train` runs this beside the fit."""
+def import_logging_modules() -> None:
+    """Import what logging the model needs (about 3 s): `train` runs this beside the data loading.
+
+    Not beside the fit: these imports may enter `warnings.catch_warnings`, which swaps the process's
+    filter list, and the fit narrows one filter of its own (training/forest.py) that a swap on
+    another thread would undo.
+    """
     # log_model checks the input example by loading the model through mlflow.pyfunc.
     import mlflow.models.utils
     import mlflow.pyfunc
     import mlflow.sklearn  # noqa: F401
     import onnxruntime  # noqa: F401
+    import pyarrow.parquet  # noqa: F401
     import skl2onnx  # noqa: F401
     import skops.io  # noqa: F401
 
     import training.plots  # noqa: F401 - matplotlib
 
+
+def write_data_artifacts(root: Path, data: LabelledData, split: Split, seed: int) -> None:
+    """Write the evaluation rows and a sample of the training features under `root`."""
     (root / "data").mkdir(parents=True, exist_ok=True)
     frame = data.frame
     frame.loc[split.evaluation, [*FEATURES, LABEL, "ts", "source"]].to_parquet(root / EVALUATION_ARTIFACT,

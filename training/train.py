@@ -83,7 +83,10 @@ def train(params: TrainParams, *, progress: Callable[[str], None] | None = None)
     for note in notes:
         say(note)
     say(f"loading labelled rows from {describe(reference)}" + (f" and {describe(requests)}" if requests else ""))
-    data = load_labelled(reference, requests, notes)
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        imported = pool.submit(registration.import_logging_modules)
+        data = load_labelled(reference, requests, notes)
+        imported.result()
     frame = data.frame
     say(f"loaded {len(frame)} labelled rows ({int(frame[LABEL].sum())} frauds): {data.reference_rows} reference, "
         f"{data.request_labelled} request-log with feedback; excluded {data.excluded_unlabelled} unlabelled")
@@ -115,12 +118,8 @@ def _fit_and_measure(params: TrainParams, data: LabelledData, split: Split, arti
     """Fit the forest, choose its threshold out of bag, and measure it on the evaluation rows."""
     X_train, y_train = data.features(split.train), data.labels(split.train)
     say(f"fitting {params.n_estimators} trees on {len(split.train)} rows")
-    # The data artifacts, and the imports of the steps after the fit, are prepared on a thread of
-    # their own beside the fit rather than after it.
-    with ThreadPoolExecutor(max_workers=1) as pool:
-        prepared = pool.submit(registration.write_data_artifacts, artifacts, data, split, params.seed)
-        forest = fit_forest(X_train, y_train, params, say)
-        prepared.result()
+    forest = fit_forest(X_train, y_train, params, say)
+    registration.write_data_artifacts(artifacts, data, split, params.seed)
     choice = choose_threshold(y_train, forest.oob_proba, params.threshold_method, params.cost_ratio)
     say(f"threshold {choice.threshold:.4f} by {choice.description}")
     say(f"evaluating on {len(split.evaluation)} held-out rows")

@@ -84,7 +84,8 @@ def test_actionlint_flags_a_misspelled_job_output_in_our_pipeline(tmp_path):
 def test_actionlint_flags_a_job_that_needs_an_unknown_job(tmp_path):
     text = WORKFLOWS[1].read_text()
     broken = tmp_path / "mlops.yml"
-    broken.write_text(text.replace("needs: [drift, retrain, promote]", "needs: [drift, retrain, promotion]", 1))
+    broken.write_text(text.replace("needs: [drift, performance, retrain, promote]",
+                                   "needs: [drift, performance, retrain, promotion]", 1))
     assert broken.read_text() != text
     result = actionlint(broken)
     assert result.returncode == 1

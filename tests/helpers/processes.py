@@ -1,8 +1,10 @@
 """Real processes for end-to-end tests: a free loopback port, a server started with its output in a
-log file, waiting on an HTTP endpoint with a deadline, and a stop that always reaps the process."""
+log file, waiting on an HTTP endpoint with a deadline, a stop that always reaps the process, and what
+/proc says about a process (its children, sockets and memory)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -113,3 +115,60 @@ def run(argv: list[str], *, env: dict[str, str], cwd: Path, timeout: float = 600
         raise AssertionError(f"{' '.join(argv)} exited {result.returncode}, expected {expect}:\n"
                              f"{result.stdout[-4000:]}\n{result.stderr[-6000:]}")
     return result
+
+
+# --- what /proc says --------------------------------------------------------------------------------
+
+
+def children(pid: int) -> set[int]:
+    """Pids of the live (not zombie) processes whose parent is `pid`."""
+    found = set()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        # The command name may hold spaces and parentheses; the fields after its last ')' do not.
+        fields = stat[stat.rindex(")") + 2:].split()
+        if fields[0] != "Z" and int(fields[1]) == pid:
+            found.add(int(entry.name))
+    return found
+
+
+def socket_inodes(pid: int) -> set[int]:
+    """Inodes of the sockets a process holds open (empty once it is gone)."""
+    found = set()
+    with contextlib.suppress(OSError):
+        for fd in Path(f"/proc/{pid}/fd").iterdir():
+            with contextlib.suppress(OSError):
+                target = os.readlink(fd)
+                if target.startswith("socket:["):
+                    found.add(int(target[8:-1]))
+    return found
+
+
+def rss_mb(pid: int, field: str = "VmRSS") -> float:
+    """Resident memory of a process in MB: now (VmRSS), or its peak so far (VmHWM)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(f"{field}:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def wait_gone(pid: int, timeout: float = 10.0) -> float:
+    """Wait until a killed process has released its sockets (it is a zombie or gone); return when.
+
+    SIGKILL takes effect a little after kill() returns; until then the process may still accept.
+    """
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+        except OSError:
+            break
+        if stat[stat.rindex(")") + 2] in "ZX":
+            break
+        time.sleep(0.001)
+    return time.monotonic()

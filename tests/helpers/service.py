@@ -1,4 +1,5 @@
-"""What the service tests share: tokens, the serving registry, Prometheus parsing, file corruption."""
+"""What the service tests share: tokens, the serving registry, the error shape, Prometheus parsing,
+file corruption."""
 
 from __future__ import annotations
 
@@ -40,6 +41,13 @@ def build_serving_registry(root: Path, data: ReferenceData) -> ServingRegistry:
     v2 = train_model(store, data, seed=1)
     move_to_stage(store.client(), v1.name, v1.version, "Production")
     return ServingRegistry(store, data, v1, v2)
+
+
+def is_error_shape(answer: object, code: str) -> bool:
+    """`{"error": {"code": code, "message": "..."}}` and nothing else: the service's one error shape."""
+    return (isinstance(answer, dict) and set(answer) == {"error"} and isinstance(answer["error"], dict)
+            and set(answer["error"]) == {"code", "message"} and answer["error"]["code"] == code
+            and isinstance(answer["error"]["message"], str) and bool(answer["error"]["message"]))
 
 
 def parse_metrics(text: str) -> dict[tuple, float]:

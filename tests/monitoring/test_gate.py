@@ -9,10 +9,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
 
+import numpy as np
 import pytest
 from mlflow.exceptions import MlflowException
 
 from common import registry
+from common.schema import FEATURES, LABEL
 from monitoring import gate
 from monitoring.reference import read_reference_file, read_reference_metadata
 from tests.helpers.builders import MlflowStore, ReferenceData, TrainedModel, new_mlflow_store, train_model
@@ -62,6 +64,7 @@ class GateWorld:
     registry: GateRegistry
     reference_file: Path
     out: Path
+    request_log: Path
 
     @property
     def name(self) -> str:
@@ -106,6 +109,13 @@ class GateWorld:
         self.client().set_terminated(run.info.run_id)
         return run.info.run_id
 
+    def log_performance_run(self, degraded: str = "true") -> str:
+        experiment = registry.ensure_experiment(registry.PERFORMANCE_EXPERIMENT, self.store.tracking_uri)
+        run = self.client().create_run(experiment, tags={"performance_degraded": degraded,
+                                                         "reason": "recall 0.41 is below its hold-out 0.82 - 0.1"})
+        self.client().set_terminated(run.info.run_id)
+        return run.info.run_id
+
 
 @pytest.fixture
 def world(gate_registry, tmp_path, use_env, monkeypatch) -> GateWorld:
@@ -113,7 +123,8 @@ def world(gate_registry, tmp_path, use_env, monkeypatch) -> GateWorld:
     use_env({**store.env(), **gate_registry.data.env(), "MODEL_NAME": gate_registry.good.name,
              "LATEST_DB": str(tmp_path / "requests.db")})  # the gate lock goes beside it
     monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
-    return GateWorld(store, gate_registry, tmp_path / "drift_reference.parquet", tmp_path / "out")
+    return GateWorld(store, gate_registry, tmp_path / "drift_reference.parquet", tmp_path / "out",
+                     tmp_path / "requests.db")
 
 
 def test_first_model_passes_the_floor_and_becomes_production_with_tags_and_a_fresh_reference(world):
@@ -152,8 +163,8 @@ def test_candidate_without_drift_or_reason_is_refused_and_production_is_untouche
     assert world.alias("champion") == world.registry.good.version
     assert world.stage_of(world.registry.other.version) == "Staging"
     result = world.result()
-    assert result["decision"] == "refused" and any("no drift run" in r for r in result["reasons"])
-    assert "no drift run" in capsys.readouterr().out
+    assert result["decision"] == "refused" and any("no drift or performance run" in r for r in result["reasons"])
+    assert "no drift or performance run" in capsys.readouterr().out
     run = world.run()
     assert run.data.tags["decision"] == "refused" and "FAIL" in run.data.tags["check.cause"]
 
@@ -333,3 +344,94 @@ def test_a_candidate_just_inside_a_margin_passes_and_just_outside_it_is_refused(
 def test_gate_config_defaults_are_the_shipped_promotion_config():
     shipped = gate.GateConfig.load(Path(__file__).resolve().parents[2] / "data" / "promotion_config.json")
     assert shipped == gate.GateConfig()
+
+
+# --- live evidence: performance verdicts and shadow scores ---------------------------------------------
+
+
+def test_reason_performance_needs_a_performance_run_that_found_degradation(world):
+    world.make_production(world.registry.good.version)
+    candidate = world.registry.other.version
+    world.log_performance_run("false")
+    assert world.promote("--version", candidate, "--reason", "performance") == gate.EXIT_REFUSED
+    assert "no performance run since" in " ".join(world.result()["reasons"])
+    run_id = world.log_performance_run("true")
+    assert world.promote("--version", candidate, "--reason", "performance") == gate.EXIT_PASSED
+    tags = world.client().get_model_version(world.name, candidate).tags
+    assert run_id in tags["promotion_reasons"] and "degradation" in tags["promotion_reasons"]
+    assert world.run().data.params["reason"] == "performance"
+
+
+def test_a_degradation_verdict_is_a_cause_without_a_reason(world):
+    world.make_production(world.registry.good.version)
+    world.log_drift_run("false")
+    run_id = world.log_performance_run("true")
+    assert world.promote("--version", world.registry.other.version) == gate.EXIT_PASSED
+    assert any(run_id in r for r in world.result()["reasons"])
+
+
+def _live_rows(world: GateWorld, *, candidate_misses: float, rows: int = 4_000) -> None:
+    """Rows Production served while the candidate scored them in the shadow, labelled through feedback.
+
+    The champion's scores are its own; the candidate's are its own too, except on a share
+    `candidate_misses` of the frauds, where it scored 0 (the pattern it never learned)."""
+    from common.features import load_feature_config
+    from common.model import load_bundle
+    from common.store import RequestStore
+    from training import scenarios
+
+    production, candidate = world.registry.good, world.registry.other
+    frame = scenarios.inputs(scenarios.named("stable", fraud_rate=2.0, seed=5), 1,
+                             load_feature_config(world.registry.data.feature_config), rows)
+    X = frame[list(FEATURES)].to_numpy()
+    champ = load_bundle(world.client(), world.name, production.version)
+    chall = load_bundle(world.client(), world.name, candidate.version)
+    shadow = chall.predict_proba(X)
+    fraud = np.flatnonzero(frame[LABEL].to_numpy() == 1)
+    shadow[fraud[: int(len(fraud) * candidate_misses)]] = 0.0
+    score = champ.predict_proba(X)
+    out = frame[list(FEATURES)].copy()
+    out.insert(0, "request_id", [f"live-{i}" for i in range(rows)])
+    out.insert(1, "ts", time.time() - 3600 + np.arange(rows) / 10)
+    out = out.assign(score=score, decision=(score >= champ.threshold).astype(int), threshold=champ.threshold,
+                     model_name=world.name, model_version=production.version, shadow_score=shadow,
+                     shadow_decision=(shadow >= chall.threshold).astype(int), shadow_version=candidate.version)
+    store = RequestStore(str(world.request_log))
+    try:
+        store.insert_frame(out)
+        store.record_feedback(dict(zip(out["request_id"], frame[LABEL].astype(int), strict=True)))
+    finally:
+        store.dispose()
+
+
+def test_a_candidate_as_good_on_the_hold_out_but_worse_on_live_shadow_rows_is_refused(world):
+    world.make_production(world.registry.good.version)
+    _live_rows(world, candidate_misses=0.5)
+    code = world.promote("--version", world.registry.other.version, "--reason", "manual")
+    result = world.result()
+    assert code == gate.EXIT_REFUSED, result["reasons"]
+    checks = {c["name"]: c for c in result["checks"]}
+    assert checks["quality"]["passed"] and not checks["live"]["passed"]
+    assert "recall" in checks["live"]["detail"] and "live rows" in checks["live"]["detail"]
+    metrics = world.run().data.metrics
+    assert metrics["live.candidate.recall"] < metrics["live.production.recall"] - 0.3
+    assert {"candidate.recall", "production.recall"} <= set(metrics)  # both comparisons are in the run
+    assert world.stage_of(world.registry.good.version) == "Production"
+
+
+def test_a_candidate_as_good_on_live_shadow_rows_passes_with_both_comparisons_recorded(world):
+    world.make_production(world.registry.good.version)
+    _live_rows(world, candidate_misses=0.0)
+    assert world.promote("--version", world.registry.other.version, "--reason", "manual") == gate.EXIT_PASSED
+    checks = {c["name"]: c for c in world.result()["checks"]}
+    assert checks["live"]["passed"] and checks["quality"]["passed"]
+    assert world.run().data.metrics["live.candidate.frauds"] >= 20
+
+
+def test_too_few_live_frauds_leave_the_hold_out_to_decide_and_say_so(world):
+    world.make_production(world.registry.good.version)
+    _live_rows(world, candidate_misses=1.0, rows=300)  # 6 frauds: not evidence
+    assert world.promote("--version", world.registry.other.version, "--reason", "manual") == gate.EXIT_PASSED
+    result = world.result()
+    assert "live" not in {c["name"] for c in result["checks"]}
+    assert any("min_live_frauds=20" in note for note in result["notes"])

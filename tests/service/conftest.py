@@ -1,5 +1,5 @@
-"""Fixtures for the service: private copies of the serving registry for tests that move stages, and
-apps built through `create_app` against it (the registry itself is a root fixture)."""
+"""Fixtures for the service: apps built through `create_app` against the serving registry (the
+registry, its private copies and sample rows are root fixtures)."""
 
 from __future__ import annotations
 
@@ -7,14 +7,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from tests.helpers.builders import MlflowStore
 from tests.helpers.service import OTHER_TOKEN, POLL_SECONDS, TOKEN
-
-
-@pytest.fixture
-def private_registry(serving_registry, tmp_path) -> MlflowStore:
-    """A copy of `serving_registry` this test may change (stages, new versions)."""
-    return serving_registry.copy(tmp_path / "registry")
 
 
 @pytest.fixture
@@ -59,15 +52,3 @@ def app(make_app):
 @pytest.fixture
 def client(app):
     return app.test_client()
-
-
-@pytest.fixture(scope="session")
-def sample_rows(reference_data) -> list[list[float]]:
-    """Real rows of the reference data (frauds first), in FEATURES order."""
-    from common.schema import FEATURES, LABEL
-    from common.store import RequestStore
-
-    frame = RequestStore(str(reference_data.db), create=False).read_frame((*FEATURES, LABEL))
-    frame = frame.sort_values(LABEL, ascending=False, kind="stable")
-    return frame[list(FEATURES)].head(50).to_numpy().tolist()
-

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import orjson
 import pandas as pd
 import pytest
 
@@ -71,18 +72,43 @@ def test_records_with_raw_amount_score_like_the_scaled_row_and_log_the_amount(ap
 def test_invocations_speaks_every_mlflow_format_and_logs_the_rows(app, client, sample_rows):
     rows = sample_rows[:4]
     expected = client.post("/predict", json={"data": rows}, headers=AUTH).get_json()["fraud_probability"]
-    records = [dict(zip(FEATURES, r, strict=True)) for r in rows]
+    table = pd.DataFrame(rows, columns=list(FEATURES))
+    records = table.to_dict(orient="records")
     bodies = [
-        {"dataframe_split": {"columns": list(FEATURES), "data": rows}},
-        {"dataframe_records": records},
-        {"instances": rows},
-        {"inputs": records},
+        ("application/json", orjson.dumps({"dataframe_split": table.to_dict(orient="split")})),
+        ("application/json", orjson.dumps({"dataframe_records": records})),
+        ("application/json", orjson.dumps({"instances": rows})),
+        ("application/json", orjson.dumps({"inputs": records, "params": None})),
+        ("application/json", orjson.dumps({"inputs": table.to_dict(orient="list"), "params": {"unused": 1}})),
+        ("application/json; charset=utf-8", orjson.dumps({"instances": table.to_dict(orient="list")})),
+        ("text/csv", table.to_csv(index=False).encode()),
+        ("text/csv; charset=UTF-8", table[list(reversed(FEATURES))].to_csv(index=False).encode()),
+        ("application/vnd.apache.parquet", table.to_parquet()),
     ]
-    for body in bodies:
-        response = client.post("/invocations", json=body, headers=AUTH)
-        assert response.status_code == 200, response.get_json()
-        assert response.get_json() == {"predictions": pytest.approx(expected, abs=1e-12)}
-    assert len(logged(app)) == 4 * (1 + len(bodies))
+    for content_type, body in bodies:
+        response = client.post("/invocations", data=body, content_type=content_type, headers=AUTH)
+        assert response.status_code == 200, (content_type, response.get_json())
+        assert response.get_json() == {"predictions": pytest.approx(expected, abs=1e-12)}, content_type
+    frame = logged(app)
+    assert len(frame) == 4 * (1 + len(bodies))
+    np.testing.assert_array_equal(frame[list(FEATURES)].to_numpy(), np.array(rows * (1 + len(bodies))))
+
+
+def test_invocations_log_the_raw_amount_of_csv_and_parquet_tables(app, client, sample_rows, serving_registry):
+    from common.features import load_feature_config
+
+    scaler = load_feature_config(serving_registry.data.feature_config)
+    table = pd.DataFrame(sample_rows[:2], columns=list(FEATURES))
+    scaled = client.post("/invocations", json={"dataframe_split": table.to_dict(orient="split")}, headers=AUTH)
+    raw = table.drop(columns="Amount_scaled").assign(Amount=[12.5, 980.0])
+    table["Amount_scaled"] = scaler.transform(raw["Amount"].to_numpy())
+    by_scaled = client.post("/invocations", json={"dataframe_split": table.to_dict(orient="split")}, headers=AUTH)
+    for content_type, body in (("text/csv", raw.to_csv(index=False).encode()),
+                               ("application/vnd.apache.parquet", raw.to_parquet())):
+        response = client.post("/invocations", data=body, content_type=content_type, headers=AUTH)
+        assert response.get_json() == {"predictions": pytest.approx(by_scaled.get_json()["predictions"], abs=1e-12)}
+    assert scaled.status_code == 200
+    assert logged(app)["Amount"].tolist()[-4:] == [12.5, 980.0, 12.5, 980.0]
 
 
 def test_feedback_stores_labels_and_reports_unknown_ids(app, client, sample_rows):
@@ -100,6 +126,7 @@ def test_feedback_stores_labels_and_reports_unknown_ids(app, client, sample_rows
 
 def test_health_ready_and_version_describe_the_served_model(client, serving_registry):
     assert client.get("/health").get_json() == {"status": "ok"}
+    assert client.get("/ping").get_json() == {"status": "ok"}  # MLflow's liveness path, without a token too
     ready = client.get("/ready")
     assert ready.status_code == 200
     details = ready.get_json()

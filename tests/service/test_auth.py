@@ -19,7 +19,7 @@ PROTECTED = [("post", "/predict", {"json": {"data": [ROW]}}),
              ("post", "/invocations", {"json": {"inputs": [ROW]}}),
              ("post", "/feedback", {"json": {"labels": [{"request_id": "x-0", "is_fraud": True}]}}),
              ("get", "/metrics", {})]
-OPEN = ["/health", "/ready", "/version", "/openapi.json"]
+OPEN = ["/health", "/ping", "/ready", "/version", "/openapi.json"]
 
 
 @pytest.mark.parametrize(("method", "path", "kwargs"), PROTECTED)

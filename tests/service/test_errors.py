@@ -6,6 +6,7 @@ import logging
 
 import pytest
 
+from common.schema import FEATURES
 from common.store import RequestStore
 from service.app import service_of
 from tests.helpers.service import AUTH
@@ -78,6 +79,51 @@ def test_a_body_that_is_not_utf8_json_gets_415(client, content_type, fragment):
     headers = {**AUTH, **({"Content-Type": content_type} if content_type else {})}
     response = client.post("/predict", data=b'{"data": [[1]]}', headers=headers)
     assert_error(response, 415, "unsupported_media_type", fragment)
+
+
+@pytest.mark.parametrize(("content_type", "fragment"), [
+    ("text/plain", "Content-Type is text/plain; send one of application/json, text/csv, application/vnd.apache"),
+    (None, "Content-Type is none"),
+    ("application/octet-stream", "Content-Type is application/octet-stream"),
+    ("text/csv; charset=latin-1", "charset latin-1 is not accepted"),
+    ("application/json; format=pandas-split", "the Content-Type parameter 'format' is not accepted"),
+])
+def test_invocations_refuse_what_mlflows_scoring_server_refuses_with_415(client, app, content_type, fragment):
+    headers = {**AUTH, **({"Content-Type": content_type} if content_type else {})}
+    response = client.post("/invocations", data=b'{"inputs": [' + str(ROW).encode() + b"]}", headers=headers)
+    assert_error(response, 415, "unsupported_media_type", fragment)
+    assert logged_rows(app) == 0
+
+
+@pytest.mark.parametrize(("content_type", "body", "fragment"), [
+    ("text/csv", b"V1,V2\n1,2\n", "the CSV header is missing 'V3'"),
+    ("text/csv", ",".join(FEATURES).encode() + b"\n" + b",".join([b"0.5"] * 28) + b",x\n",
+     "row 0 column 'Amount_scaled' is 'x', expected a number"),
+    ("application/vnd.apache.parquet", b"not parquet", "the body is not a Parquet file"),
+    ("application/vnd.apache.parquet", b"", "the Parquet body is empty"),
+])
+def test_bad_tables_get_a_precise_json_error_and_nothing_is_logged(client, app, content_type, body, fragment):
+    response = client.post("/invocations", data=body, content_type=content_type, headers=AUTH)
+    assert_error(response, 400, "invalid_input", fragment)
+    assert logged_rows(app) == 0
+
+
+def test_a_table_over_max_body_bytes_or_max_rows_is_refused(make_app):
+    import pandas as pd
+
+    app = make_app(max_body_bytes=32768, max_rows=5)
+    client = app.test_client()
+    table = pd.DataFrame([ROW] * 6, columns=list(FEATURES))
+    csv = table.to_csv(index=False).encode()
+    assert len(table.to_parquet()) < 32768 < len(csv * 50)
+    assert_error(client.post("/invocations", data=csv * 50, content_type="text/csv", headers=AUTH),
+                 413, "payload_too_large", "larger than 32768 bytes (MAX_BODY_BYTES)")
+    assert_error(client.post("/invocations", data=csv, content_type="text/csv", headers=AUTH),
+                 400, "too_many_rows", "at most 5 (MAX_ROWS)")
+    assert_error(client.post("/invocations", data=table.to_parquet(),
+                             content_type="application/vnd.apache.parquet", headers=AUTH),
+                 400, "too_many_rows", "the Parquet table has 6 rows; at most 5 (MAX_ROWS)")
+    assert logged_rows(app) == 0
 
 
 def test_json_with_a_utf8_charset_is_accepted(client):

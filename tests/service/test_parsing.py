@@ -123,6 +123,12 @@ def invocations(payload, max_rows=100):
     return parsing.invocations_batch(payload, max_rows=max_rows, scaler=scaler)
 
 
+def columns(rows=(ROW,), amount_key="Amount_scaled"):
+    """pandas' `to_dict(orient="list")`: {column: [value per row]}."""
+    names = [*FEATURES[:-1], amount_key]
+    return {name: [row[j] for row in rows] for j, name in enumerate(names)}
+
+
 def test_every_mlflow_input_format_gives_the_same_rows():
     reordered = [*reversed(FEATURES)]
     by_name = dict(zip(FEATURES, ROW, strict=True))
@@ -134,7 +140,11 @@ def test_every_mlflow_input_format_gives_the_same_rows():
         {"instances": [ROW]},
         {"instances": [record()]},
         {"inputs": [ROW], "params": {}},
+        {"inputs": [ROW], "params": None},
         {"inputs": [record()]},
+        {"inputs": {name: [value] for name, value in record().items()}},
+        {"instances": dict(reversed(list({name: [value] for name, value in record().items()}.items())))},
+        {"inputs": record()},
     ]
     for payload in formats:
         assert invocations(payload).X.tolist() == [ROW], payload
@@ -149,8 +159,17 @@ def test_mlflow_split_format_scales_a_raw_amount_column():
 @pytest.mark.parametrize(("payload", "message"), [
     ({}, "give exactly one of 'dataframe_split', 'dataframe_records', 'instances', 'inputs'; got none"),
     ({"instances": [ROW], "inputs": [ROW]}, "got 'instances', 'inputs'"),
-    ({"inputs": {"V1": [1.0]}}, "the columnar form is not accepted"),
-    ({"inputs": [ROW], "params": []}, "'params' is an array; expected an object"),
+    ({"inputs": {"V1": [1.0]}}, "'inputs' is missing 'V2', 'V3'"),
+    ({"inputs": {**columns(), "V3": [1.0, 2.0]}}, "'inputs' column 'V3' has 2 values and column 'V1' 1"),
+    ({"inputs": {**columns(), "V3": 1.0}}, "'inputs' column 'V3' is the number 1.0 where the others are arrays"),
+    ({"inputs": {**columns(), "V3": ["1.0"]}}, "'inputs' column 'V3' value 0 is a string, expected a number"),
+    ({"inputs": {**columns(), "V3": [None]}}, "'inputs' column 'V3' value 0 is null"),
+    ({"inputs": {**columns(), "V3": [2e9]}}, "'inputs' column 'V3' value 0 is 2e+09, outside the accepted range"),
+    ({"inputs": {**columns(), "Time": [1.0]}}, "'inputs' has unknown column 'Time'"),
+    ({"inputs": {name: [] for name in FEATURES}}, "'inputs.V1' is empty"),
+    ({"inputs": {**record(), "V3": "x"}}, "record 0 field 'V3' is a string"),
+    ({"inputs": [ROW], "params": []}, "'params' is an array; expected an object or null"),
+    ({"inputs": [ROW], "params": "x"}, "'params' is a string; expected an object or null"),
     ({"dataframe_split": {"columns": list(FEATURES)}}, "'dataframe_split' has no 'data'"),
     ({"dataframe_split": {"columns": [*FEATURES[:-1], "V1"], "data": [ROW]}},
      "dataframe_split.columns names 'V1' more than once"),
@@ -165,6 +184,192 @@ def test_bad_mlflow_bodies_are_rejected_with_a_message_naming_the_problem(payloa
     error = rejected(invocations, payload)
     assert error.status == 400
     assert message in error.message
+
+
+def test_the_columnar_form_gives_the_rows_and_scales_a_raw_amount_column():
+    rows = [ROW, [*ROW[:28], 338.0]]
+    assert invocations({"inputs": columns(rows)}).X.tolist() == rows
+    batch = invocations({"instances": columns(rows, "Amount")})
+    assert batch.X[:, 28] == pytest.approx([(ROW[28] - 88.0) / 250.0, 1.0])
+    assert batch.amount.tolist() == [ROW[28], 338.0]
+
+
+def test_every_mlflow_form_keeps_max_rows():
+    rows = [ROW] * 11
+    for payload in ({"dataframe_split": {"columns": list(FEATURES), "data": rows}},
+                    {"dataframe_records": [record()] * 11}, {"instances": rows}, {"inputs": columns(rows)}):
+        error = rejected(invocations, payload, max_rows=10)
+        assert (error.status, error.code) == (400, "too_many_rows"), payload
+    for media_type, body in ((parsing.CSV, csv_body(rows)), (parsing.PARQUET, parquet_body(rows))):
+        error = rejected(parsing.invocations_body, media_type, body, max_rows=10, scaler=scaler)
+        assert (error.status, error.code) == (400, "too_many_rows"), media_type
+        assert parsing.invocations_body(media_type, body, max_rows=11, scaler=scaler).X.tolist() == rows
+
+
+@pytest.mark.parametrize(("mimetype", "params", "fragment"), [
+    ("text/plain", {}, "Content-Type is text/plain; send one of application/json, text/csv, "
+                       "application/vnd.apache.parquet"),
+    ("", {}, "Content-Type is none"),
+    ("application/json", {"format": "pandas-split"}, "the Content-Type parameter 'format' is not accepted"),
+    ("text/csv", {"charset": "latin-1"}, "charset latin-1 is not accepted"),
+    ("application/octet-stream", {}, "Content-Type is application/octet-stream"),
+])
+def test_invocations_take_mlflows_three_media_types_in_utf8_only(mimetype, params, fragment):
+    error = rejected(parsing.invocations_media_type, mimetype, params)
+    assert (error.status, error.code) == (415, "unsupported_media_type")
+    assert fragment in error.message
+
+
+def test_invocations_media_types_with_a_utf8_charset_are_accepted():
+    for mimetype in parsing.INVOCATION_MEDIA_TYPES:
+        assert parsing.invocations_media_type(mimetype, {}) == mimetype
+        assert parsing.invocations_media_type(mimetype, {"charset": "UTF-8"}) == mimetype
+
+
+# --- CSV and Parquet ----------------------------------------------------------------------------------
+
+
+def frame(rows=(ROW,), amount_key="Amount_scaled"):
+    import pandas as pd
+
+    return pd.DataFrame(list(rows), columns=[*FEATURES[:-1], amount_key])
+
+
+def csv_body(rows=(ROW,), amount_key="Amount_scaled") -> bytes:
+    return frame(rows, amount_key).to_csv(index=False).encode()
+
+
+def parquet_body(rows=(ROW,), amount_key="Amount_scaled", **kwargs) -> bytes:
+    return frame(rows, amount_key).to_parquet(**kwargs)
+
+
+def csv_batch(body, max_rows=100):
+    return parsing.csv_batch(body if isinstance(body, bytes) else body.encode(), max_rows=max_rows, scaler=scaler)
+
+
+def parquet_batch(body, max_rows=100):
+    return parsing.parquet_batch(body, max_rows=max_rows, scaler=scaler)
+
+
+def test_csv_and_parquet_tables_give_the_rows_exactly_in_any_column_order():
+    rng = np.random.default_rng(1)
+    rows = (rng.normal(size=(50, 29)) * 10.0 ** rng.integers(-8, 8, size=(50, 29))).tolist()
+    reordered = frame(rows)[list(reversed(FEATURES))]
+    for body in (csv_body(rows), reordered.to_csv(index=False).encode()):
+        assert csv_batch(body).X.tolist() == rows
+    for body in (parquet_body(rows), reordered.to_parquet(), reordered.set_index("V3", drop=False).to_parquet(),
+                 frame(rows).astype(np.float32).to_parquet()):
+        np.testing.assert_allclose(parquet_batch(body).X, rows, rtol=1e-6)
+    assert parquet_batch(parquet_body(rows)).X.tolist() == rows
+    assert parquet_batch(frame([[1] * 29]).astype(np.int64).to_parquet()).X.tolist() == [[1.0] * 29]
+
+
+def test_csv_and_parquet_tables_scale_a_raw_amount_column():
+    rows = [[*ROW[:28], 338.0]]
+    for batch in (csv_batch(csv_body(rows, "Amount")), parquet_batch(parquet_body(rows, "Amount"))):
+        assert batch.X[0, 28] == pytest.approx(1.0) and batch.amount.tolist() == [338.0]
+
+
+HEADER = ",".join(FEATURES)
+VALUES = ",".join(str(v) for v in ROW)
+
+
+@pytest.mark.parametrize(("body", "message"), [
+    ("", "the CSV body is empty; send a header row of column names"),
+    (HEADER + "\n", "the CSV body has a header row but no rows"),
+    (VALUES + "\n" + VALUES + "\n", "the first CSV row holds numbers, not column names"),
+    ("," + HEADER + "\n0," + VALUES + "\n", "the first CSV column has no name: it looks like a DataFrame index"),
+    (HEADER.replace("V3", "V1") + "\n" + VALUES, "the CSV header names 'V1' more than once"),
+    (HEADER.replace("V3", "Time") + "\n" + VALUES, "the CSV header has unknown column 'Time'"),
+    (HEADER.replace("V3,", "") + "\n" + VALUES, "the CSV header is missing 'V3'"),
+    (HEADER + ",Amount\n" + VALUES + ",1", "the CSV header gives both 'Amount' and 'Amount_scaled'"),
+    (",".join(["x"] * 31) + "\n", "the CSV header has more than 30 columns; expected 29"),
+    (",".join(["V1"] * 1_000_000), "the CSV header has more than 30 columns; expected 29"),
+    (HEADER + "\n" + VALUES + ",1.0\n", "the CSV rows have 30 values and the header names 29 columns"),
+    (HEADER + "\n" + VALUES + "\n" + VALUES + ",1.0\n", "the body is not a CSV table: Error tokenizing data"),
+    (HEADER + "\n" + VALUES + "\n" + VALUES.replace("0.2", "abc", 1) + "\n", "row 1 column 'V3' is 'abc'"),
+    (HEADER + "\n" + VALUES.replace("0.2", "1_000", 1) + "\n", "row 0 column 'V3' is '1_000', expected a number"),
+    (HEADER + "\n" + VALUES.replace("0.2", "True", 1) + "\n", "row 0 column 'V3' is 'True', expected a number"),
+    (HEADER + "\n" + VALUES.replace("0.2", "", 1) + "\n", "row 0 column 'V3' is nan, expected a finite number"),
+    (HEADER + "\n" + VALUES.replace("0.2", "NaN", 1) + "\n", "row 0 column 'V3' is nan, expected a finite number"),
+    (HEADER + "\n" + VALUES.replace("0.2", "-inf", 1) + "\n", "row 0 column 'V3' is -inf, expected a finite"),
+    (HEADER + "\n" + VALUES.replace("0.2", "3e9", 1) + "\n", "row 0 column 'V3' is 3e+09, outside the accepted"),
+    (HEADER + "\n" + VALUES + "\n" + VALUES.rsplit(",", 1)[0] + "\n",
+     "row 1 column 'Amount_scaled' is nan, expected a finite number"),
+])
+def test_bad_csv_bodies_are_refused_with_a_message_naming_the_problem(body, message):
+    error = rejected(csv_batch, body)
+    assert (error.status, error.code) == (400, "invalid_input")
+    assert message in error.message
+
+
+def test_csv_that_is_not_utf8_is_refused():
+    error = rejected(csv_batch, (HEADER + "\n" + VALUES).encode("utf-16"))
+    assert error.code == "invalid_input" and "the CSV body is not UTF-8" in error.message
+
+
+def parquet_of(columns: dict) -> bytes:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    sink = pa.BufferOutputStream()
+    pq.write_table(pa.table(columns), sink)
+    return sink.getvalue().to_pybytes()
+
+
+def parquet_columns(**changes) -> dict:
+    return {**{name: [value] for name, value in zip(FEATURES, ROW, strict=True)}, **changes}
+
+
+@pytest.mark.parametrize(("body", "message"), [
+    (b"", "the Parquet body is empty"),
+    (b"PAR1 not really", "the body is not a Parquet file"),
+    (lambda: csv_body(), "the body is not a Parquet file"),
+    (lambda: parquet_of(parquet_columns(V3=["abc"])), "the Parquet column 'V3' is of type string, expected"),
+    (lambda: parquet_of(parquet_columns(V3=[True])), "the Parquet column 'V3' is of type bool, expected"),
+    (lambda: parquet_of(parquet_columns(V3=[None])), "the Parquet column 'V3' is of type null"),
+    (lambda: parquet_of(parquet_columns(V3=[[1.0]])), "the Parquet column 'V3' is of type list<"),
+    (lambda: parquet_of({name: [] for name in FEATURES}), "the Parquet table has no rows"),
+    (lambda: parquet_of(parquet_columns(Time=[1.0])), "the Parquet table has unknown column 'Time'"),
+    (lambda: parquet_of({k: v for k, v in parquet_columns().items() if k != "V3"}), "the Parquet table is missing"),
+    (lambda: parquet_of(parquet_columns(V3=[float("nan")])), "row 0 column 'V3' is nan, expected a finite number"),
+    (lambda: parquet_of(parquet_columns(V3=[5e9])), "row 0 column 'V3' is 5e+09, outside the accepted range"),
+])
+def test_bad_parquet_bodies_are_refused_with_a_message_naming_the_problem(body, message):
+    error = rejected(parquet_batch, body() if callable(body) else body)
+    assert (error.status, error.code) == (400, "invalid_input")
+    assert message in error.message
+
+
+def test_a_parquet_null_is_refused_with_its_row():
+    import pyarrow as pa
+
+    body = parquet_of({**{name: [0.0, 0.0] for name in FEATURES}, "V3": pa.array([0.5, None], pa.float64())})
+    error = rejected(parquet_batch, body)
+    assert error.message == "row 1 column 'V3' is null, expected a finite number"
+
+
+@pytest.mark.parametrize("note", [b"{not json", b"[1]", b'{"index_columns": 7}', b'{"index_columns": [{"a": 1}]}'])
+def test_a_malformed_pandas_note_in_a_parquet_file_is_ignored(note):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pa.table(parquet_columns()).replace_schema_metadata({b"pandas": note})
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink)
+    assert parquet_batch(sink.getvalue().to_pybytes()).X.tolist() == [ROW]
+
+
+def test_a_parquet_file_declaring_millions_of_rows_is_refused_from_its_footer():
+    import pyarrow as pa
+
+    # Ten million constant rows compress to a few kilobytes; decoding them all would take 2.3 GB.
+    n = 10_000_000
+    body = parquet_of({"V1": pa.array(np.full(n, 0.5))})
+    assert len(body) < 100_000
+    error = rejected(parquet_batch, body, max_rows=5000)
+    assert error.code == "too_many_rows"
+    assert error.message == "the Parquet table has 10000000 rows; at most 5000 (MAX_ROWS) are accepted per request"
 
 
 # --- feedback --------------------------------------------------------------------------------------------

@@ -144,7 +144,7 @@ def _insert_many(path: str, prefix: str, n: int) -> None:
     from service.request_log import COLUMNS
 
     store = RequestStore(path)
-    row = (1.0, *[0.25] * 29, None, 0.5, 0, 0.5, "fraud-detector", "1")
+    row = (1.0, *[0.25] * 29, None, 0.5, 0, 0.5, "fraud-detector", "1", None, None, None)
     for i in range(n):
         store.insert_values(COLUMNS, [(f"{prefix}-{i}", *row)])
     store.dispose()
@@ -171,7 +171,7 @@ def test_insert_values_refuses_a_duplicate_request_id_and_unknown_columns(tmp_pa
     from service.request_log import COLUMNS
 
     store = RequestStore(str(tmp_path / "requests.db"))
-    row = ("same-0", 1.0, *[0.25] * 29, None, 0.5, 0, 0.5, "fraud-detector", "1")
+    row = ("same-0", 1.0, *[0.25] * 29, None, 0.5, 0, 0.5, "fraud-detector", "1", 0.25, 0, "2")
     assert store.insert_values(COLUMNS, [row]) == 1
     with pytest.raises(sa.exc.IntegrityError):
         store.insert_values(COLUMNS, [row])
@@ -194,7 +194,8 @@ def test_a_large_batch_lands_row_for_row_through_multi_row_statements(tmp_path, 
     for n in (1000, 301, 1):  # full chunks, then 256+32+8+4+1 (or 3s and 2+1), then one row
         features = rng.normal(size=(n, 29)).round(6)
         rows = [(f"batch{n}-{i}", float(i), *features[i], None if i % 2 else 10.0 * i, i / n, i % 2, 0.5,
-                 "fraud-detector", str(n)) for i in range(n)]
+                 "fraud-detector", str(n), None if i % 3 else i / (2 * n), None if i % 3 else 1, None if i % 3 else "9")
+                for i in range(n)]
         assert store.insert_values(COLUMNS, np.array(rows, dtype=object) if as_array else rows) == n
         frame = store.read_frame(("request_id", "ts", *FEATURES, "Amount", "score", "decision", "model_version"))
         frame = frame[frame["model_version"] == str(n)]
@@ -204,6 +205,10 @@ def test_a_large_batch_lands_row_for_row_through_multi_row_statements(tmp_path, 
         assert frame["score"].tolist() == [i / n for i in range(n)]
         assert frame["decision"].tolist() == [i % 2 for i in range(n)]
         assert [None if np.isnan(a) else a for a in frame["Amount"]] == [r[31] for r in rows]
+        shadow = store.read_frame(("model_version", "shadow_score", "shadow_version"))
+        shadow = shadow[shadow["model_version"] == str(n)]
+        assert [None if np.isnan(v) else v for v in shadow["shadow_score"]] == [r[-3] for r in rows]
+        assert [v if isinstance(v, str) else None for v in shadow["shadow_version"]] == [r[-1] for r in rows]
     assert store.count() == 1302
     store.dispose()
 
@@ -216,7 +221,7 @@ def test_a_batch_is_one_transaction_across_statements_and_a_ragged_row_is_refuse
 
     monkeypatch.setattr(common.store, "ROWS_PER_STATEMENT", 4)
     store = RequestStore(str(tmp_path / "requests.db"))
-    row = (1.0, *[0.25] * 29, None, 0.5, 0, 0.5, "fraud-detector", "1")
+    row = (1.0, *[0.25] * 29, None, 0.5, 0, 0.5, "fraud-detector", "1", None, None, None)
     assert store.insert_values(COLUMNS, [("taken-0", *row)]) == 1
     # The duplicate is in the third statement: the two before it must not stay behind.
     batch = [(f"new-{i}", *row) for i in range(9)] + [("taken-0", *row)]
@@ -244,7 +249,7 @@ def test_the_wal_is_checkpointed_by_a_background_thread_and_stays_bounded(tmp_pa
     path = tmp_path / "requests.db"
     store = RequestStore(str(path))
     wal = tmp_path / "requests.db-wal"
-    row = (1.0, *[0.25] * 29, None, 0.5, 0, 0.5, "fraud-detector", "1")
+    row = (1.0, *[0.25] * 29, None, 0.5, 0, 0.5, "fraud-detector", "1", None, None, None)
     largest, commits = 0, 6000
     for i in range(commits):
         store.insert_values(COLUMNS, [(f"r-{i}", *row)])
