@@ -50,11 +50,12 @@ def _stop(process) -> None:
 
 
 def test_writers_of_several_processes_and_threads_all_get_their_turns_and_none_starves(database):
-    # Every writer commits back to back, the worst case for a waiter, for three times the lock's
+    # Every writer commits back to back, the worst case for a waiter, for longer than the lock's
     # timeout: a writer left waiting while the others take turns fails with "no write turn". Each
     # one's connection has no busy timeout, so two writers inside the file at once would fail with
-    # "database is locked": only the lock queues them.
-    processes, threads, seconds, timeout = 3, 3, 3.0, 1.0
+    # "database is locked": only the lock queues them. Nine writers on a shared two-core machine: the
+    # timeout leaves room for a writer the scheduler did not run for a while, not for one left out.
+    processes, threads, seconds, timeout = 3, 3, 6.0, 4.0
     start, results = spawn.Event(), spawn.Queue()
     writers = [spawn.Process(target=take_turns, args=(database, f"p{i}", threads, seconds, timeout, start, results))
                for i in range(processes)]
