@@ -160,8 +160,8 @@ def prefill_request_log(path: Path, rows: int, row: list[float], version: str) -
         chunk = 10_000
         for start in range(0, rows, chunk):
             now = time.time()
-            store.insert_values(COLUMNS, [(f"{new_request_id()}-0", now, *row, None, 0.1, 0, 0.5, MODEL_NAME, version)
-                                          for _ in range(min(chunk, rows - start))])
+            store.insert_values(COLUMNS, [(f"{new_request_id()}-0", now, *row, None, 0.1, 0, 0.5, MODEL_NAME, version,
+                                           None, None, None) for _ in range(min(chunk, rows - start))])
     finally:
         store.dispose()
     return time.perf_counter() - started
