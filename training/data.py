@@ -4,6 +4,10 @@ it can support an honest model.
 Only rows with a true label are read: the reference database (every row has `Class`) and
 request-log rows labelled through the feedback endpoint. Unlabelled rows are counted, never used;
 a label is never derived from a model score.
+
+Each row keeps when its label arrived (`label_ts`, the feedback's time; a reference row's label came
+with the data, before any model): the `arrival` split evaluates a candidate on labels the served
+model could not have trained on (docs/decisions/021-evaluate-on-labels-that-arrived-since.md).
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ from training.params import TrainingError, TrainingRefused, TrainParams
 class LabelledData:
     """Labelled rows in time order (reference first, then the request log) and their provenance."""
 
-    frame: pd.DataFrame  # FEATURES + Class + ts + source
+    frame: pd.DataFrame  # FEATURES + Class + ts + label_ts (when the label arrived) + source
     reference: str
     requests: str | None
     reference_rows: int
@@ -61,6 +65,7 @@ class Split:
     method: str
     train: np.ndarray
     evaluation: np.ndarray
+    note: str = ""  # how the method was applied, e.g. why `arrival` fell back to `time`
 
 
 def _location(value: str) -> str:
@@ -102,7 +107,7 @@ def resolve_sources(params: TrainParams) -> tuple[str, str | None, tuple[str, ..
 def _read_labelled(location: str) -> tuple[pd.DataFrame, int]:
     import sqlalchemy as sa
 
-    columns = (*FEATURES, LABEL, "ts")
+    columns = (*FEATURES, LABEL, "ts", "label_ts")
     store = RequestStore(location, create=False)
     try:
         values = store.read_columns(columns, dtype=np.float64, labelled=True)
@@ -124,11 +129,13 @@ def load_labelled(reference: str, requests: str | None, notes: tuple[str, ...] =
         common.store.StoreUnavailable: a database cannot be read.
     """
     ref, ref_unlabelled = _read_labelled(reference)
+    ref["label_ts"] = -np.inf  # the reference's labels came with the data, before any model was trained
     ref["source"] = "reference"
     parts = [ref]
     req_labelled = req_unlabelled = 0
     if requests is not None:
         req, req_unlabelled = _read_labelled(requests)
+        req["label_ts"] = req["label_ts"].fillna(-np.inf)
         req["source"] = "requests"
         req_labelled = len(req)
         parts.append(req)
@@ -146,14 +153,36 @@ def content_hash(frame: pd.DataFrame) -> str:
     return digest.hexdigest()
 
 
-def split_rows(frame: pd.DataFrame, method: str, test_fraction: float, seed: int) -> Split:
+def split_rows(frame: pd.DataFrame, method: str, test_fraction: float, seed: int, *,
+               served_trained_at: float | None = None, min_eval_frauds: int = 1) -> Split:
     """The training and evaluation parts.
 
+    arrival: the rows whose labels arrived after the served model was trained (`served_trained_at`,
+        epoch seconds), which it cannot have learned from, are split in half at random, keeping the
+        fraud rate: one half is the evaluation set, the other trains. The newest labels, the ones a
+        changing fraud pattern shows up in first, then both train the candidate and judge it against
+        the served model on equal terms. Without a served model, or with fewer than
+        2 x `min_eval_frauds` frauds (or no legitimate row) among those labels, it is `time`.
     time: the last `test_fraction` of the rows, in their time order, is the evaluation set.
     stratified: a random split keeping the fraud rate equal in both parts.
     """
     n = len(frame)
     n_eval = max(1, math.ceil(n * test_fraction)) if n else 0
+    if method == "arrival":
+        note = "no served model to compare with" if served_trained_at is None else ""
+        if served_trained_at is not None:
+            new = np.flatnonzero(frame["label_ts"].to_numpy(np.float64) > served_trained_at)
+            labels = frame[LABEL].to_numpy()[new]
+            frauds = int(labels.sum())
+            if frauds >= 2 * min_eval_frauds and frauds < len(new):
+                evaluation = _stratified_half(new, labels, seed)
+                return Split(method, np.setdiff1d(np.arange(n), evaluation), evaluation,
+                             f"evaluated on half of the {len(new)} labels ({frauds} frauds) that arrived since the "
+                             "served model was trained")
+            note = (f"{len(new)} labels ({frauds} frauds) arrived since the served model was trained; "
+                    f"{2 * min_eval_frauds} frauds and a legitimate row are needed")
+        time_split = split_rows(frame, "time", test_fraction, seed)
+        return Split(method, time_split.train, time_split.evaluation, f"{note}: evaluated on the newest rows")
     if method == "time":
         positions = np.arange(n)
         return Split(method, positions[: n - n_eval], positions[n - n_eval:])
@@ -163,6 +192,16 @@ def split_rows(frame: pd.DataFrame, method: str, test_fraction: float, seed: int
     stratify = labels if np.bincount(labels, minlength=2).min() >= 2 else None
     train, evaluation = train_test_split(np.arange(n), test_size=n_eval, random_state=seed, stratify=stratify)
     return Split(method, np.sort(train), np.sort(evaluation))
+
+
+def _stratified_half(positions: np.ndarray, labels: np.ndarray, seed: int) -> np.ndarray:
+    """A random half of `positions`, with half of its frauds (rounded down) and half of the rest."""
+    rng = np.random.default_rng(seed)
+    picked = []
+    for value in (0, 1):
+        group = positions[labels == value]
+        picked.append(rng.choice(group, size=len(group) // 2, replace=False))
+    return np.sort(np.concatenate(picked))
 
 
 def check_supports_model(data: LabelledData, split: Split, params: TrainParams) -> None:
@@ -181,7 +220,8 @@ def check_supports_model(data: LabelledData, split: Split, params: TrainParams) 
         y = y_all[positions]
         frauds = int(y.sum())
         if frauds < minimum:
-            raise TrainingRefused(f"the {part} part ({split.method} split) has {frauds} frauds in {len(y)} rows; at "
+            how = f"{split.method} split" + (f": {split.note}" if split.note else "")
+            raise TrainingRefused(f"the {part} part ({how}) has {frauds} frauds in {len(y)} rows; at "
                                   f"least {minimum} are needed ({option})")
         if frauds == len(y):
             raise TrainingRefused(f"the {part} part ({split.method} split) has no legitimate rows")

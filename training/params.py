@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 from common import evaluation, registry
 
-SPLITS = ("time", "stratified")
+SPLITS = ("arrival", "time", "stratified")
 CLASS_WEIGHTS = ("none", "balanced", "balanced_subsample")
 
 
@@ -41,7 +41,9 @@ class TrainParams:
     max_samples: float = 0.5
     class_weight: str = "none"
     test_fraction: float = 0.2
-    split: str = "time"
+    # arrival: evaluate on labels that arrived after the served model was trained (half of them; the
+    # other half trains), else on the newest rows; see training/data.py `split_rows`.
+    split: str = "arrival"
     seed: int = 0
     model_name: str = ""
     experiment: str = registry.TRAINING_EXPERIMENT

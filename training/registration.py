@@ -119,7 +119,7 @@ def git_commit() -> tuple[str, bool]:
         return "unknown", False
 
 
-def log_inputs(params: TrainParams, data: LabelledData, model_name: str, run_id: str) -> None:
+def log_inputs(params: TrainParams, data: LabelledData, split: Split, model_name: str, run_id: str) -> None:
     """Log the parameters and the tags that name the code and the data, before anything is fitted."""
     import mlflow
 
@@ -147,6 +147,7 @@ def log_inputs(params: TrainParams, data: LabelledData, model_name: str, run_id:
         "data_source_requests": requests,
         "data_sha256": data.sha256,
         "split": params.split,
+        **({"split_note": split.note} if split.note else {}),
         THRESHOLD_METHOD_TAG: params.threshold_method,
         "model_name": model_name,
         **({"data_notes": "; ".join(data.notes)} if data.notes else {}),
@@ -268,7 +269,7 @@ def evaluation_report(candidate: Candidate, metrics: dict[str, float], run_id: s
         "metrics": {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in metrics.items()},
         "threshold": {**dataclasses.asdict(candidate.threshold), "rule": "p >= threshold is fraud",
                       "chosen_on": "out-of-bag predictions of the training rows"},
-        "split": {"method": split.method, "test_fraction": params.test_fraction,
+        "split": {"method": split.method, "note": split.note, "test_fraction": params.test_fraction,
                   "train_rows": len(split.train), "eval_rows": len(split.evaluation),
                   "train_ts": [float(train_ts.min()), float(train_ts.max())],
                   "eval_ts": [float(eval_ts.min()), float(eval_ts.max())],

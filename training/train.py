@@ -90,7 +90,11 @@ def train(params: TrainParams, *, progress: Callable[[str], None] | None = None)
     frame = data.frame
     say(f"loaded {len(frame)} labelled rows ({int(frame[LABEL].sum())} frauds): {data.reference_rows} reference, "
         f"{data.request_labelled} request-log with feedback; excluded {data.excluded_unlabelled} unlabelled")
-    split = split_rows(frame, params.split, params.test_fraction, params.seed)
+    split = split_rows(frame, params.split, params.test_fraction, params.seed,
+                       served_trained_at=served_model_trained_at(model_name, uri),
+                       min_eval_frauds=params.min_eval_frauds)
+    if split.note:
+        say(f"split ({split.method}): {split.note}")
     try:
         check_supports_model(data, split, params)
     except TrainingRefused as exc:
@@ -99,7 +103,7 @@ def train(params: TrainParams, *, progress: Callable[[str], None] | None = None)
 
     with registry.use_tracking(uri), registration.active_run(params.experiment, uri, say) as run:
         run_id, experiment_id = run.info.run_id, run.info.experiment_id
-        registration.log_inputs(params, data, model_name, run_id)
+        registration.log_inputs(params, data, split, model_name, run_id)
         say(f"split ({split.method}): train {len(split.train)} rows ({int(data.labels(split.train).sum())} frauds), "
             f"evaluation {len(split.evaluation)} rows ({int(data.labels(split.evaluation).sum())} frauds)")
         with tempfile.TemporaryDirectory(prefix="train-artifacts-", ignore_cleanup_errors=True) as scratch:
@@ -111,6 +115,20 @@ def train(params: TrainParams, *, progress: Callable[[str], None] | None = None)
                        version=recorded.version, model_uri=f"models:/{model_name}/{recorded.version}",
                        threshold=candidate.threshold.threshold, threshold_method=params.threshold_method,
                        metrics=recorded.metrics, seconds=seconds, artifacts=recorded.artifacts)
+
+
+def served_model_trained_at(model_name: str, uri: str) -> float | None:
+    """When the served (Production) version's training run started, in epoch seconds; None without one."""
+    from mlflow.exceptions import MlflowException
+
+    client = registry.client(uri)
+    try:
+        served = registry.production_version(client, model_name)
+        if served is None or not served.run_id:
+            return None
+        return client.get_run(served.run_id).info.start_time / 1000
+    except MlflowException:
+        return None
 
 
 def _fit_and_measure(params: TrainParams, data: LabelledData, split: Split, artifacts: Path,

@@ -57,7 +57,8 @@ def test_run_logs_params_metrics_and_every_artifact(trained_model):
     assert client.get_experiment(run.info.experiment_id).name == registry.TRAINING_EXPERIMENT
     params = run.data.params
     assert params["n_estimators"] == "15"
-    assert params["split"] == "time"
+    assert params["split"] == "arrival"  # with no served model: the newest rows, as "time"
+    assert run.data.tags["split_note"] == "no served model to compare with: evaluated on the newest rows"
     assert params["threshold_method"] == "f1"
     assert params["requests"] == "none" == params["requests_source"]
     assert params["data_source"].endswith(str(trained_model.data.db))
@@ -77,7 +78,7 @@ def test_run_logs_params_metrics_and_every_artifact(trained_model):
     assert all((local / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for name in PLOT_FILES)
     report = json.loads(Path(client.download_artifacts(run.info.run_id, EVALUATION_JSON)).read_text())
     assert report["threshold"]["threshold"] == trained_model.threshold
-    assert report["split"]["method"] == "time"
+    assert report["split"]["method"] == "arrival"
 
 
 def test_registered_version_is_staging_challenger_with_threshold_and_metric_tags(trained_model):
@@ -400,3 +401,36 @@ def test_a_postgresql_request_log_without_its_table_yet_counts_as_empty(make_mlf
         store.dispose()
     trained = train_tiny_model(make_mlflow_store(), requests=postgres_url)
     assert trained.result.metrics["train_rows"] + trained.result.metrics["eval_rows"] == trained.data.rows
+
+
+# --- the arrival split -------------------------------------------------------------------------------
+
+
+def _arrival_frame(n_old: int, n_new: int, new_frauds: int) -> pd.DataFrame:
+    rng = np.random.default_rng(3)
+    frame = pd.DataFrame(rng.normal(size=(n_old + n_new, len(FEATURES))), columns=list(FEATURES))
+    frame[LABEL] = 0
+    frame.loc[: n_old // 10, LABEL] = 1  # old frauds
+    frame.loc[n_old: n_old + new_frauds - 1, LABEL] = 1
+    frame["ts"] = np.arange(n_old + n_new, dtype=float)
+    frame["label_ts"] = np.r_[np.full(n_old, -np.inf), np.full(n_new, 1_000.0)]
+    return frame
+
+
+def test_arrival_split_evaluates_on_half_the_labels_that_arrived_since_the_served_model_was_trained():
+    frame = _arrival_frame(n_old=800, n_new=400, new_frauds=60)
+    split = split_rows(frame, "arrival", 0.2, seed=0, served_trained_at=500.0, min_eval_frauds=10)
+    new = np.arange(800, 1200)
+    assert set(split.evaluation) <= set(new)  # nothing the served model could have trained on
+    assert len(split.evaluation) == 200 and frame[LABEL].to_numpy()[split.evaluation].sum() == 30
+    assert set(split.train) | set(split.evaluation) == set(range(1200)) and not set(split.train) & set(split.evaluation)
+    assert "half of the 400 labels (60 frauds)" in split.note
+    # The other half of the newest labels trains the candidate.
+    assert frame[LABEL].to_numpy()[np.intersect1d(split.train, new)].sum() == 30
+
+
+def test_arrival_split_falls_back_to_the_newest_rows_without_a_served_model_or_enough_new_frauds():
+    frame = _arrival_frame(n_old=800, n_new=400, new_frauds=15)
+    for trained_at, why in ((None, "no served model"), (500.0, "15 frauds) arrived")):
+        split = split_rows(frame, "arrival", 0.2, seed=0, served_trained_at=trained_at, min_eval_frauds=10)
+        assert list(split.evaluation) == list(range(960, 1200)) and why in split.note
