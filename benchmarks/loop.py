@@ -450,11 +450,16 @@ def draw_chart(results: list[PolicyResult], params: ReplayParams, path: Path) ->
 
 
 def evaluation_months(scenario: scenarios.Scenario) -> list[int]:
-    """The months after the new pattern's first labels could have reached a retrain: its first month,
-    plus the shortest chargeback delay, plus the month the retrained model needs to serve."""
+    """The months after the new pattern's labels have matured: those after the month by whose end half
+    of the pattern's first month's chargebacks have arrived (the median delay; the shortest delay gives
+    the loop its first few labels a month earlier, the longest its last ones after a 6-month replay)."""
     if not scenario.pattern_month:
         return list(range(1, scenario.months + 1))
-    first = scenario.pattern_month + math.ceil(scenario.delay.delay_min_days / scenarios.MONTH_DAYS) + 1
+    delay = scenario.delay
+    median = (delay.delay_min_days + delay.delay_max_days) / 2 if delay.distribution == "uniform" \
+        else float(np.median(np.random.default_rng(0).triangular(delay.delay_min_days, delay.delay_mode_days,
+                                                                   delay.delay_max_days, 10_001)))
+    first = scenario.pattern_month + math.ceil(median / scenarios.MONTH_DAYS) + 1
     return [m for m in range(first, scenario.months + 1)]
 
 
@@ -533,14 +538,14 @@ def print_report(results: dict[str, PolicyResult], rows: list[tuple], params: Re
     scenario = params.scenario
     print("\n".join(scenario.describe()))
     header = "| month | " + " | ".join(results) + " |"
-    print("\nrecall (precision) at the served threshold, by month")
+    print("\nrecall (precision) at the served threshold, and the version that served, by month")
     print(header)
     print("|---|" + "---|" * len(results))
     for index in range(scenario.months):
         cells = []
         for result in results.values():
             m = result.months[index]
-            cells.append(f"{m.recall:.3f} ({m.precision:.3f}) {m.served_after and 'v' + m.served_after}")
+            cells.append(f"{m.recall:.3f} ({m.precision:.3f}) {m.versions}")
         print(f"| {index + 1} | " + " | ".join(cells) + " |")
     print("\nwhat each policy did at the month's end")
     for result in results.values():

@@ -39,7 +39,9 @@ class TrainParams:
     # Each tree's bootstrap sample holds half the training rows: on the generated data the forest
     # ranks as well as with full-size samples, in a little over half the fitting time.
     max_samples: float = 0.5
-    class_weight: str = "none"
+    # Each tree weighs the classes equally in its own bootstrap sample: a few labels of a new fraud pattern
+    # count, and the trees stay small (docs/decisions/022-balanced-class-weights.md).
+    class_weight: str = "balanced_subsample"
     test_fraction: float = 0.2
     # arrival: evaluate on labels that arrived after the served model was trained (half of them; the
     # other half trains), else on the newest rows; see training/data.py `split_rows`.
