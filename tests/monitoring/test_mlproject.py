@@ -53,3 +53,9 @@ def test_drift_then_promote_entry_points_work_with_their_parameters(tmp_path, dr
     assert decision["decision"] == "promoted"
     refused = _mlflow_run("promote", {"rollback": "true", **out}, env, tmp_path)
     assert refused.returncode != 0  # no previous version: nothing to roll back to
+
+    # The performance check of the now-served model: no label has arrived, so it cannot judge yet.
+    judged = _mlflow_run("performance", {"window": "0", **out}, env, tmp_path)
+    assert judged.returncode == 0, judged.stdout[-2000:] + judged.stderr[-3000:]
+    verdict = json.loads((tmp_path / "performance_result.json").read_text())
+    assert verdict["performance_degraded"] == "inconclusive" and "too few matured frauds" in verdict["reason"]
