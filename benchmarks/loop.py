@@ -389,7 +389,8 @@ def log_runs(results: list[PolicyResult], params: ReplayParams, chart: Path | No
     client = registry.client()
     experiment = registry.ensure_experiment(EXPERIMENT)
     for result in results:
-        name = f"{params.scenario.name} · {result.policy} · {params.scenario.months} × {params.scenario.rows:,}"
+        scenario = params.scenario
+        name = f"replay · {scenario.name} · {result.policy} · {scenario.months} × {scenario.rows:,}"
         run = client.create_run(experiment, run_name=name, tags={"policy": result.policy,
                                                                  "scenario": params.scenario.name})
         result.run_id = run.info.run_id

@@ -16,7 +16,9 @@ or `mlflow run . -e drift --env-manager local -P window=N -P since=...`.
 
 Every check is one run in experiment `drift-monitoring` (params, `ks_stat.<test>`,
 `ks_pvalue.<test>`, drifted count and share, tag `drift_detected` = true/false/inconclusive,
-artifacts `drift_result.json` and `drift_report.html`). Both files are also written to
+artifacts `drift_result.json` and `drift_report.html`), named after the rows it compared and its
+outcome once it has one: `drift · window 5,000 · drift` (or `no drift`, `inconclusive`; a check
+that failed is `drift · error`). Both files are also written to
 `--output-dir` (default: the working directory); a failed check writes `status: "error"` there.
 
 Exit codes (`python -m monitoring.drift`):
@@ -238,7 +240,7 @@ def check_drift(params: DriftParams) -> DriftResult:
             raise DriftCheckError(f"request log {request_log} does not exist (LATEST_DB): no traffic has been logged")
         production = registry.production_version(mlflow_client, name)
         window = resolve_window(params.window, params.since, config, production)
-        run_id = start_run(mlflow_client, registry.DRIFT_EXPERIMENT, "drift-check",
+        run_id = start_run(mlflow_client, registry.DRIFT_EXPERIMENT, f"drift · {window.description} · running",
                            {"production_version": str(production.version) if production else "none"}, uri)
     except BaseException as exc:
         write_error_result(output_dir, first_line(exc, 1000))
@@ -364,7 +366,13 @@ def _check(params: DriftParams, config: DriftConfig, mlflow_client, name: str, p
               "notes": "; ".join(notes)})
     mlflow_client.log_artifact(run_id, str(result_path))
     mlflow_client.log_artifact(run_id, str(report_path))
+    mlflow_client.update_run(run_id, name=run_name(int(current.shape[1]), report.status))
     return DriftResult(report, run_id, result_path, report_path, summary)
+
+
+def run_name(rows: int, status: str) -> str:
+    """The check's run name, e.g. `drift · window 5,000 · no drift` (the rows it compared)."""
+    return f"drift · window {rows:,} · {status.replace('_', ' ')}"
 
 
 def _plan_score_test(store: RequestStore, config: DriftConfig, reference, window: Window, notes: list[str]) -> str:
@@ -409,6 +417,7 @@ def _record_failure(mlflow_client, run_id: str, output_dir: Path, exc: BaseExcep
     try:
         mlflow_client.set_tag(run_id, "drift_detected", "error")
         mlflow_client.set_tag(run_id, "error", message)
+        mlflow_client.update_run(run_id, name="drift · error")
         mlflow_client.set_terminated(run_id, "FAILED")
     except Exception:  # noqa: S110 - the original error is what the caller must see
         pass

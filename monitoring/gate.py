@@ -25,7 +25,8 @@ On pass the candidate becomes Production (the previous one Archived with alias `
 data and scores. On fail nothing changes, the reasons are printed and logged. Rollback makes the
 `previous` version Production again with the same bookkeeping (it must still load).
 
-Every decision is one run in experiment `promotions`, with both models' metrics side by side
+Every decision is one run in experiment `promotions`, named after it (`gate · v3 → Production`,
+`gate · v3 refused`, `gate · rollback to v2`), with both models' metrics side by side
 (`candidate.<metric>`, `production.<metric>`, `delta.<metric>`), and `promotion_result.json`
 (also written to `--output-dir`).
 
@@ -183,6 +184,14 @@ class GateDecision:
     @property
     def exit_code(self) -> int:
         return EXIT_PASSED if self.passed else EXIT_REFUSED
+
+    @property
+    def run_name(self) -> str:
+        """The decision's run name: `gate · v3 → Production`, `gate · v3 refused`, `gate · rollback to v2`
+        or `gate · rollback to v2 refused`."""
+        if self.action == "rollback":
+            return f"gate · rollback to v{self.candidate}" + ("" if self.passed else " refused")
+        return f"gate · v{self.candidate} " + ("→ Production" if self.passed else "refused")
 
     def to_dict(self) -> dict:
         return {
@@ -472,7 +481,7 @@ def _promote(params: GateParams, repairs: tuple[str, ...] = ()) -> GateDecision:
     production = registry.production_version(mlflow_client, name)
     if production is not None and str(production.version) == str(candidate.version):
         raise GateUsageError(f"{name} v{candidate.version} is already Production")
-    run_id = start_run(mlflow_client, registry.PROMOTION_EXPERIMENT, f"promote-v{candidate.version}",
+    run_id = start_run(mlflow_client, registry.PROMOTION_EXPERIMENT, f"gate · v{candidate.version} running",
                        {"action": "promote"}, uri)
     staged = None
     try:
@@ -517,7 +526,7 @@ def _promote(params: GateParams, repairs: tuple[str, ...] = ()) -> GateDecision:
         _log_decision(mlflow_client, decision, params, config)
     except BaseException as exc:
         discard_staged(staged)
-        _fail_run(mlflow_client, run_id, exc)
+        _fail_run(mlflow_client, run_id, exc, f"gate · v{candidate.version} error")
         raise
     _write_result(Path(params.output_dir), decision)
     mlflow_client.set_terminated(run_id, "FINISHED")
@@ -535,7 +544,7 @@ def _rollback(params: GateParams, repairs: tuple[str, ...] = ()) -> GateDecision
     production = registry.production_version(mlflow_client, name)
     if production is not None and str(production.version) == str(previous.version):
         raise GateUsageError(f"{name} v{previous.version} ('{registry.PREVIOUS_ALIAS}') is already Production")
-    run_id = start_run(mlflow_client, registry.PROMOTION_EXPERIMENT, f"rollback-to-v{previous.version}",
+    run_id = start_run(mlflow_client, registry.PROMOTION_EXPERIMENT, f"gate · rollback to v{previous.version} running",
                        {"action": "rollback"}, uri)
     staged = None
     try:
@@ -568,7 +577,7 @@ def _rollback(params: GateParams, repairs: tuple[str, ...] = ()) -> GateDecision
         _log_decision(mlflow_client, decision, params, None)
     except BaseException as exc:
         discard_staged(staged)
-        _fail_run(mlflow_client, run_id, exc)
+        _fail_run(mlflow_client, run_id, exc, f"gate · rollback to v{previous.version} error")
         raise
     _write_result(Path(params.output_dir), decision)
     mlflow_client.set_terminated(run_id, "FINISHED")
@@ -599,6 +608,7 @@ def _log_decision(mlflow_client, decision: GateDecision, params: GateParams, con
         path = Path(tmp) / RESULT_FILE
         path.write_text(json.dumps(decision.to_dict(), indent=2) + "\n")
         mlflow_client.log_artifact(decision.run_id, str(path))
+    mlflow_client.update_run(decision.run_id, name=decision.run_name)
 
 
 def _write_result(output_dir: Path, decision: GateDecision) -> None:
@@ -608,10 +618,11 @@ def _write_result(output_dir: Path, decision: GateDecision) -> None:
     tmp.replace(output_dir / RESULT_FILE)
 
 
-def _fail_run(mlflow_client, run_id: str, exc: BaseException) -> None:
+def _fail_run(mlflow_client, run_id: str, exc: BaseException, name: str) -> None:
     try:
         mlflow_client.set_tag(run_id, "decision", "error")
         mlflow_client.set_tag(run_id, "error", (str(exc).strip() or type(exc).__name__)[:4900])
+        mlflow_client.update_run(run_id, name=name)
         mlflow_client.set_terminated(run_id, "FAILED")
     except Exception:  # noqa: S110 - the original error is what the caller must see
         pass

@@ -59,6 +59,8 @@ from monitoring.window import iso, parse_since, parse_time
 EXIT_FINE, EXIT_ERROR, EXIT_USAGE, EXIT_DEGRADED, EXIT_INCONCLUSIVE = 0, 1, 2, 3, 4
 DEGRADED, FINE, INCONCLUSIVE = "true", "false", "inconclusive"
 EXIT_CODES = {FINE: EXIT_FINE, DEGRADED: EXIT_DEGRADED, INCONCLUSIVE: EXIT_INCONCLUSIVE}
+# The verdict in the run's name, e.g. `performance · v3 · degraded`.
+VERDICT_WORDS = {DEGRADED: "degraded", FINE: "not degraded", INCONCLUSIVE: "inconclusive"}
 RESULT_FILE = "performance_result.json"
 DAY = 86_400.0
 COLUMNS = ("ts", "model_version", "score", "decision", LABEL, "shadow_score", "shadow_decision", "shadow_version")
@@ -349,7 +351,7 @@ def check_performance(params: PerformanceParams) -> PerformanceResult:
                      for v, d in by_version.items()},
         "config": asdict(config),
     }
-    run_name = f"performance · v{champion or 'none'} · {verdict.status}"
+    run_name = f"performance · v{champion or 'none'} · {VERDICT_WORDS[verdict.status]}"
     run_id = start_run(mlflow_client, registry.PERFORMANCE_EXPERIMENT, run_name,
                        {"production_version": champion or "none"}, uri)
     try:

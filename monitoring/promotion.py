@@ -150,6 +150,8 @@ def _settle(mlflow_client, name: str, intent: Intent, committed: bool) -> str:
             running = False  # the run is gone; nothing to mark
         if running:
             mlflow_client.set_tag(intent.run_id, "decision", "interrupted")
+            what_run = (f"rollback to v{intent.version}" if intent.action == "rollback" else f"v{intent.version}")
+            mlflow_client.update_run(intent.run_id, name=f"gate · {what_run} interrupted")
             mlflow_client.set_terminated(intent.run_id, "KILLED")
             line += f"; run {intent.run_id} marked KILLED"
     return line
@@ -224,7 +226,7 @@ def _complete(mlflow_client, name: str, intent: Intent, reference_path: Path) ->
 
 
 def _record(mlflow_client, notes: list[str], uri: str | None) -> None:
-    run_id = start_run(mlflow_client, registry.PROMOTION_EXPERIMENT, "repair", {"action": "repair"}, uri)
+    run_id = start_run(mlflow_client, registry.PROMOTION_EXPERIMENT, "gate · repair", {"action": "repair"}, uri)
     log(mlflow_client, run_id, tags={"decision": "repaired", "repairs": "\n".join(notes)})
     mlflow_client.set_terminated(run_id, "FINISHED")
     notes.append(f"recorded in MLflow run {run_id} (experiment {registry.PROMOTION_EXPERIMENT})")

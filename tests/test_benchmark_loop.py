@@ -56,6 +56,8 @@ def test_every_month_is_logged_with_its_step_and_the_chart_beside_it(replayed):
     experiment = client.get_experiment_by_name(loop.EXPERIMENT)
     runs = client.search_runs([experiment.experiment_id])
     assert sorted(r.data.tags["policy"] for r in runs) == ["loop", "static"]
+    assert sorted(r.info.run_name for r in runs) == [f"replay · new-pattern · {policy} · {MONTHS} × 6,000"
+                                                     for policy in ("loop", "static")]
     for run in runs:
         for metric in ("recall", "precision", "average_precision", "fraud_dollars_caught", "version_served"):
             steps = [m.step for m in client.get_metric_history(run.info.run_id, metric)]

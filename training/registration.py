@@ -1,11 +1,13 @@
 """What a training run records in MLflow, and the version it registers.
 
-The run holds the parameters (as given, and as resolved), tags naming the code and the data, the
+The run is named after what it trained on (`run_name`). It holds the parameters (as given, and as
+resolved), tags naming the code and the data, the data as MLflow datasets (`training.datasets`), the
 metrics of `common.evaluation`, the model and its ONNX export (`common.model.log_fraud_model`),
 plots, an evaluation JSON, and the data the promotion gate and the drift monitor read
 (EVALUATION_ARTIFACT, TRAINING_FEATURES_ARTIFACT). The model is registered last, as a new version
-in stage Staging (alias `challenger`) tagged with its threshold and metrics; Production is never
-touched here: promotion is the gate's job.
+in stage Staging (alias `challenger`) tagged with its threshold and metrics and described by its
+headline metrics and its data (`version_description`); Production is never touched here:
+promotion is the gate's job.
 """
 
 from __future__ import annotations
@@ -37,7 +39,9 @@ from common.model import (
 from common.paths import REPO_ROOT
 from common.schema import FEATURES, LABEL
 from common.store import describe
+from training import datasets
 from training.data import LabelledData, Split
+from training.datasets import TrainingDatasets
 from training.forest import FittedForest
 from training.params import TrainParams
 
@@ -76,10 +80,18 @@ class Recorded:
 # --- the run ----------------------------------------------------------------------------------------
 
 
+def run_name(data: LabelledData, seed: int) -> str:
+    """What the run trains on, e.g. `train · ref 284,807 + feedback 1,203 · seed 0` (no feedback part
+    without a request log)."""
+    parts = [f"ref {data.reference_rows:,}"] + ([f"feedback {data.request_labelled:,}"] if data.requests else [])
+    return f"train · {' + '.join(parts)} · seed {seed}"
+
+
 @contextmanager
-def active_run(experiment: str, uri: str, say: Callable[[str], None]) -> Iterator:
-    """The run to record in: the caller's active run, the one `mlflow run` started (MLFLOW_RUN_ID),
-    or a new run in `experiment`. MLflow's fluent API must already point at `uri`."""
+def active_run(experiment: str, uri: str, say: Callable[[str], None], name: str) -> Iterator:
+    """The run to record in: the caller's active run (its name left as the caller chose), the one
+    `mlflow run` started (MLFLOW_RUN_ID; renamed `name`, as MLflow named it at random), or a new run
+    `name` in `experiment`. MLflow's fluent API must already point at `uri`."""
     import mlflow
 
     active = mlflow.active_run()
@@ -88,6 +100,7 @@ def active_run(experiment: str, uri: str, say: Callable[[str], None]) -> Iterato
         return
     run_id = os.environ.get("MLFLOW_RUN_ID")
     if run_id:
+        registry.client(uri).update_run(run_id, name=name)
         with mlflow.start_run(run_id=run_id) as run:
             chosen = registry.client(uri).get_experiment(run.info.experiment_id).name
             if chosen != experiment:
@@ -96,15 +109,17 @@ def active_run(experiment: str, uri: str, say: Callable[[str], None]) -> Iterato
             yield run
         return
     experiment_id = registry.ensure_experiment(experiment, uri)
-    with mlflow.start_run(experiment_id=experiment_id) as run:
+    with mlflow.start_run(experiment_id=experiment_id, run_name=name) as run:
         yield run
 
 
-def tag_refusal(uri: str, reason: str) -> None:
-    """Under `mlflow run` a run already exists: say on it why nothing was trained."""
+def tag_refusal(uri: str, reason: str, name: str) -> None:
+    """Under `mlflow run` a run already exists: say on it why nothing was trained, in its name too."""
     run_id = os.environ.get("MLFLOW_RUN_ID")
     if run_id:
-        registry.client(uri).set_tag(run_id, "refused", reason[:5000])
+        mlflow_client = registry.client(uri)
+        mlflow_client.set_tag(run_id, "refused", reason[:5000])
+        mlflow_client.update_run(run_id, name=f"{name} · refused")
 
 
 def git_commit() -> tuple[str, bool]:
@@ -119,8 +134,10 @@ def git_commit() -> tuple[str, bool]:
         return "unknown", False
 
 
-def log_inputs(params: TrainParams, data: LabelledData, split: Split, model_name: str, run_id: str) -> None:
-    """Log the parameters and the tags that name the code and the data, before anything is fitted."""
+def log_inputs(params: TrainParams, data: LabelledData, split: Split, model_name: str, run_id: str,
+               uri: str) -> TrainingDatasets:
+    """Log the parameters, the tags that name the code and the data, and the data as MLflow datasets,
+    before anything is fitted. Returns the datasets."""
     import mlflow
 
     commit, dirty = git_commit()
@@ -152,6 +169,9 @@ def log_inputs(params: TrainParams, data: LabelledData, split: Split, model_name
         "model_name": model_name,
         **({"data_notes": "; ".join(data.notes)} if data.notes else {}),
     })
+    built = datasets.build(data, split, mlflow.get_artifact_uri(EVALUATION_ARTIFACT))
+    registry.client(uri).log_inputs(run_id, datasets=built.inputs(split, data))
+    return built
 
 
 # --- artifacts --------------------------------------------------------------------------------------
@@ -187,10 +207,12 @@ def write_data_artifacts(root: Path, data: LabelledData, split: Split, seed: int
     data.features(sample).to_parquet(root / TRAINING_FEATURES_ARTIFACT, index=False)
 
 
-def record(candidate: Candidate, root: Path, model_name: str, uri: str, run_id: str,
+def record(candidate: Candidate, root: Path, model_name: str, uri: str, run_id: str, inputs: TrainingDatasets,
            say: Callable[[str], None]) -> Recorded:
     """Log the model, its metrics and the artifacts under `root` to the active run, then register
-    the version in Staging.
+    the version in Staging. The metrics measured on the evaluation rows are logged against
+    `inputs.evaluation` and the logged model, and the row counts against their sources: the
+    model's lineage.
 
     Raises:
         common.model.OnnxParityError: the ONNX export disagrees with the forest; nothing registered.
@@ -202,7 +224,18 @@ def record(candidate: Candidate, root: Path, model_name: str, uri: str, run_id: 
     say(f"logged the model; ONNX max |Δp| = {logged.onnx_max_abs_diff:.2g} on {len(candidate.split.evaluation)} "
         "rows")
     metrics = run_metrics(candidate, logged)
-    mlflow.log_metrics({k: float(v) for k, v in metrics.items() if v is not None and math.isfinite(float(v))})
+    finite = {k: float(v) for k, v in metrics.items() if v is not None and math.isfinite(float(v))}
+    # Each dataset gets the metrics that describe the model on it (the evaluation rows), or its
+    # share of the training (the row counts of the two sources): the model's page lists every
+    # dataset a metric of the model names.
+    against = [(inputs.evaluation, evaluation_metric_names(candidate)), (inputs.reference, {"reference_rows"})]
+    if inputs.feedback is not None:
+        against.append((inputs.feedback, {"request_labelled_rows"}))
+    for dataset, names in against:
+        mlflow.log_metrics({k: v for k, v in finite.items() if k in names}, dataset=dataset,
+                           model_id=logged.model_id)
+    linked = set().union(*(names for _dataset, names in against))
+    mlflow.log_metrics({k: v for k, v in finite.items() if k not in linked})
 
     say("logging plots, evaluation JSON and data artifacts")
     (root / EVALUATION_JSON).write_text(json.dumps(evaluation_report(candidate, metrics, run_id), indent=2,
@@ -211,7 +244,8 @@ def record(candidate: Candidate, root: Path, model_name: str, uri: str, run_id: 
     artifacts = tuple(sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file()))
 
     say(f"registering {model_name}")
-    version = register(model_name, logged.model_uri, run_id, candidate.threshold, metrics, uri)
+    version = register(model_name, logged.model_uri, candidate.threshold, metrics,
+                       version_description(candidate, metrics, run_id), uri)
     return Recorded(version, metrics, artifacts)
 
 
@@ -230,6 +264,12 @@ def _log_model_and_plots(candidate: Candidate, root: Path) -> LoggedFraudModel:
                                  extra_metadata={"cost_ratio": choice.cost_ratio, "threshold_source": "out-of-bag"})
         drawn.result()
     return logged
+
+
+def evaluation_metric_names(candidate: Candidate) -> set[str]:
+    """The names under which `run_metrics` logs what was measured on the evaluation rows."""
+    renamed = {"rows": "eval_rows", "frauds": "eval_frauds", "fraud_rate": "eval_fraud_rate"}
+    return {renamed.get(k, k) for k in candidate.evaluation}
 
 
 def run_metrics(candidate: Candidate, logged: LoggedFraudModel) -> dict[str, float]:
@@ -292,7 +332,19 @@ def _tag_value(value) -> str:
     return f"{value:.6g}" if isinstance(value, float) else str(value)
 
 
-def register(model_name: str, model_uri: str, run_id: str, choice: ThresholdChoice, metrics: dict,
+def version_description(candidate: Candidate, metrics: dict, run_id: str) -> str:
+    """The registered version's description: the headline metrics at the threshold, and the data."""
+    data, split, choice = candidate.data, candidate.split, candidate.threshold
+    feedback = f" + feedback {data.request_labelled:,}" if data.requests else ""
+    return (f"Average precision {metrics['average_precision']:.4f}, recall {metrics['recall']:.3f} and precision "
+            f"{metrics['precision']:.3f} at threshold {choice.threshold:.4f} ({choice.method}), on "
+            f"{int(metrics['eval_rows']):,} held-out rows with {int(metrics['eval_frauds']):,} frauds.\n\n"
+            f"Data: reference {data.reference_rows:,}{feedback} labelled rows; {split.method} split, "
+            f"{len(split.train):,} rows trained on and {len(split.evaluation):,} evaluated on"
+            + (f" ({split.note})" if split.note else "") + f". RandomForest from run {run_id}.")
+
+
+def register(model_name: str, model_uri: str, choice: ThresholdChoice, metrics: dict, description: str,
              uri: str) -> str:
     """Register the logged model as a new version in Staging; on any failure, remove that version."""
     import mlflow
@@ -303,12 +355,7 @@ def register(model_name: str, model_uri: str, run_id: str, choice: ThresholdChoi
     mlflow_client = registry.client(uri)
     version = mlflow.register_model(model_uri, model_name, tags=tags).version
     try:
-        mlflow_client.update_model_version(
-            model_name, version,
-            description=(f"RandomForest from run {run_id}: average precision {metrics['average_precision']:.4f}, "
-                         f"recall {metrics['recall']:.3f} at precision {metrics['precision']:.3f} "
-                         f"(threshold {choice.threshold:.4f}, {choice.method}) on {metrics['eval_rows']} "
-                         "held-out rows."))
+        mlflow_client.update_model_version(model_name, version, description=description)
         registry.move_to_stage(mlflow_client, model_name, version, "Staging")
     except BaseException:
         mlflow_client.delete_model_version(model_name, version)

@@ -16,7 +16,11 @@
    data the promotion gate and drift monitor need (`data/evaluation.parquet`,
    `data/training_features.parquet`).
 5. Register a new version of MODEL_NAME in stage Staging with alias `challenger`, tagged with its
-   metrics and threshold. Production is never touched: promotion is the gate's job.
+   metrics and threshold and described by its headline metrics and data. Production is never
+   touched: promotion is the gate's job.
+
+The run is named after its data and seed (`train · ref 284,807 + feedback 1,203 · seed 0`) and
+logs the reference, feedback and evaluation rows as MLflow datasets (`training.datasets`).
 """
 
 from __future__ import annotations
@@ -97,20 +101,21 @@ def train(params: TrainParams, *, progress: Callable[[str], None] | None = None)
                        min_eval_frauds=params.min_eval_frauds)
     if split.note:
         say(f"split ({split.method}): {split.note}")
+    run_name = registration.run_name(data, params.seed)
     try:
         check_supports_model(data, split, params)
     except TrainingRefused as exc:
-        registration.tag_refusal(uri, str(exc))
+        registration.tag_refusal(uri, str(exc), run_name)
         raise
 
-    with registry.use_tracking(uri), registration.active_run(params.experiment, uri, say) as run:
+    with registry.use_tracking(uri), registration.active_run(params.experiment, uri, say, run_name) as run:
         run_id, experiment_id = run.info.run_id, run.info.experiment_id
-        registration.log_inputs(params, data, split, model_name, run_id)
+        inputs = registration.log_inputs(params, data, split, model_name, run_id, uri)
         say(f"split ({split.method}): train {len(split.train)} rows ({int(data.labels(split.train).sum())} frauds), "
             f"evaluation {len(split.evaluation)} rows ({int(data.labels(split.evaluation).sum())} frauds)")
         with tempfile.TemporaryDirectory(prefix="train-artifacts-", ignore_cleanup_errors=True) as scratch:
             candidate = _fit_and_measure(params, data, split, Path(scratch), say)
-            recorded = registration.record(candidate, Path(scratch), model_name, uri, run_id, say)
+            recorded = registration.record(candidate, Path(scratch), model_name, uri, run_id, inputs, say)
     seconds = time.perf_counter() - started
     say(f"done in {seconds:.1f}s: {model_name} version {recorded.version} is in Staging (alias challenger)")
     return TrainResult(run_id=run_id, experiment_id=experiment_id, tracking_uri=uri, model_name=model_name,

@@ -36,6 +36,7 @@ def test_no_drift_exits_0_and_logs_one_run_with_params_metrics_tag_and_artifacts
     assert set(result["feature_pvalues"]) == set(FEATURES)
     run = _logged_run(drift_env)
     assert run.info.status == "FINISHED"
+    assert run.info.run_name == "drift · window 2,000 · no drift"
     assert run.data.tags["drift_detected"] == "false"
     assert run.data.params["correction"] == "bonferroni" and run.data.params["current_rows"] == "2000"
     assert run.data.params["window"] == "last 2000 rows"
@@ -56,6 +57,7 @@ def test_drifted_traffic_exits_3_names_the_drifted_features_and_reports_them(dri
     assert result["drift_detected"] is True and "Amount_scaled" in result["drifted_features"]
     run = _logged_run(drift_env)
     assert run.data.tags["drift_detected"] == "true"
+    assert run.info.run_name == "drift · window 2,000 · drift"
     assert run.data.metrics["drifted_count"] == len(result["drifted_features"]) >= 1
     html = (drift_env["out"] / drift.REPORT_FILE).read_text()
     assert "Amount_scaled — DRIFT" in html and html.count("<svg") == min(6, len(FEATURES))
@@ -71,6 +73,7 @@ def test_too_few_rows_is_inconclusive_exits_4_and_is_still_logged(drift_env, dri
     assert "120 rows" in result["reason"] and "min_window_rows=500" in result["reason"]
     run = _logged_run(drift_env)
     assert run.data.tags["drift_detected"] == "inconclusive" and run.info.status == "FINISHED"
+    assert run.info.run_name == "drift · window 120 · inconclusive"
 
 
 def test_exit_zero_reports_drift_in_the_file_but_exits_0(drift_env, drift_world):
@@ -150,6 +153,16 @@ def test_missing_request_log_is_an_error_exit_1(drift_env, tmp_path):
     code = drift.main(["--request-log", str(tmp_path / "absent.db"), "--output-dir", str(drift_env["out"])])
     assert code == drift.EXIT_ERROR
     assert "does not exist" in _result(drift_env["out"])["reason"]
+
+
+def test_a_check_that_fails_after_its_run_started_is_a_failed_run_named_so(drift_env, drift_world):
+    write_requests(drift_env["log"], drift_world.batch(600, 0, seed=16))
+    code = drift.main(["--reference", "production", "--output-dir", str(drift_env["out"])])
+    assert code == drift.EXIT_ERROR
+    result = _result(drift_env["out"])
+    assert "needs a Production model" in result["reason"]
+    run = _logged_run(drift_env)
+    assert run.info.status == "FAILED" and run.info.run_name == "drift · error"
 
 
 def test_since_promotion_without_production_is_a_usage_error(drift_env, drift_world):

@@ -137,6 +137,7 @@ def test_first_model_passes_the_floor_and_becomes_production_with_tags_and_a_fre
     assert tags["promotion_run_id"] == run.info.run_id and float(tags["promoted_at"]) <= time.time()
     assert "floor" in tags["promotion_reasons"]
     assert run.data.tags["decision"] == "promoted"
+    assert run.info.run_name == f"gate · v{version} → Production"
     assert "candidate.average_precision" in run.data.metrics and "production.average_precision" not in run.data.metrics
     meta = read_reference_metadata(world.reference_file)
     assert meta["model_version"] == version and meta["run_id"] == world.registry.good.run_id
@@ -167,6 +168,7 @@ def test_candidate_without_drift_or_reason_is_refused_and_production_is_untouche
     assert "no drift or performance run" in capsys.readouterr().out
     run = world.run()
     assert run.data.tags["decision"] == "refused" and "FAIL" in run.data.tags["check.cause"]
+    assert run.info.run_name == f"gate · v{world.registry.other.version} refused"
 
 
 def test_drift_found_after_promotion_lets_a_good_candidate_through_with_both_models_metrics(world):
@@ -228,6 +230,7 @@ def test_rollback_restores_the_previous_version_with_alias_bookkeeping(world):
     assert world.stage_of(first) == "Production" and world.alias("champion") == first
     assert world.stage_of(second) == "Archived" and world.alias("previous") == second
     assert world.run().data.tags["decision"] == "rolled_back"
+    assert world.run().info.run_name == f"gate · rollback to v{first}"
     assert read_reference_metadata(world.reference_file)["model_version"] == first
     assert world.client().get_model_version(world.name, first).tags["promotion_action"] == "rollback"
 

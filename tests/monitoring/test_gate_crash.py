@@ -5,6 +5,7 @@ registry, says so, and records it; a registry split by hand is repaired the same
 from __future__ import annotations
 
 import json
+import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -101,7 +102,9 @@ def _assert_settled(world: World, champion: str, previous: str, killed_run: str,
     assert world.intent() is None
     assert world.client.get_run(killed_run).info.status == "KILLED"
     assert world.client.get_run(killed_run).data.tags["decision"] == "interrupted"
+    assert re.fullmatch(r"gate · (rollback to )?v\d+ interrupted", world.client.get_run(killed_run).info.run_name)
     (repair,) = world.repair_runs()
+    assert repair.info.run_name == "gate · repair"
     assert repair.data.tags["repairs"] in out.replace("gate: repaired: ", "")  # printed, and recorded
     assert f"run {killed_run} marked KILLED" in repair.data.tags["repairs"]
     assert read_reference_metadata(world.reference_file)["model_version"] == champion

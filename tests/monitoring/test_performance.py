@@ -77,6 +77,8 @@ def test_a_new_pattern_is_reported_once_enough_of_its_labels_have_matured(check,
     code, result = check(scenario, range(1, 6), clock_month=5)
     assert code == perf.EXIT_DEGRADED, result["reason"]
     assert result["performance_degraded"] == perf.DEGRADED and "recall" in result["reason"]
+    run_name = world.store.client().get_run(result["run_id"]).info.run_name
+    assert run_name == f"performance · v{world.model.version} · degraded"
     served = result["versions"][world.model.version]["served"]
     assert served["frauds"] >= 30 and served["recall"] < result["tests"]["recall"]["bound"]
     # Legitimate rows older than the 90-day maturity window count as known without a label.
@@ -88,6 +90,8 @@ def test_stable_traffic_is_not_reported(check, world):
     code, result = check(scenario, range(1, 6), clock_month=5)
     assert code == perf.EXIT_FINE, result["reason"]
     assert result["versions"][world.model.version]["served"]["frauds"] >= 30
+    run_name = world.store.client().get_run(result["run_id"]).info.run_name
+    assert run_name == f"performance · v{world.model.version} · not degraded"
 
 
 def test_too_few_matured_frauds_is_inconclusive_and_says_how_many_are_needed(check):

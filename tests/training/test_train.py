@@ -54,6 +54,7 @@ def test_run_logs_params_metrics_and_every_artifact(trained_model):
     client = trained_model.store.client()
     run = client.get_run(trained_model.run_id)
     assert run.info.status == "FINISHED"
+    assert run.info.run_name == f"train · ref {trained_model.data.rows:,} · seed 0"
     assert client.get_experiment(run.info.experiment_id).name == registry.TRAINING_EXPERIMENT
     params = run.data.params
     assert params["n_estimators"] == "15"
@@ -92,6 +93,18 @@ def test_registered_version_is_staging_challenger_with_threshold_and_metric_tags
     assert float(version.tags["average_precision"]) == pytest.approx(trained_model.result.metrics["average_precision"],
                                                                     rel=1e-5)
     assert registry.production_version(client, trained_model.name) is None
+
+
+def test_the_version_description_carries_the_headline_metrics_and_the_data(trained_model):
+    description = trained_model.store.client().get_model_version(trained_model.name, trained_model.version).description
+    metrics = trained_model.result.metrics
+    assert (f"Average precision {metrics['average_precision']:.4f}, recall {metrics['recall']:.3f} and precision "
+            f"{metrics['precision']:.3f} at threshold {trained_model.threshold:.4f} (f1), on "
+            f"{int(metrics['eval_rows']):,} held-out rows with {int(metrics['eval_frauds']):,} frauds") in description
+    assert f"Data: reference {trained_model.data.rows:,} labelled rows; arrival split" in description
+    assert (f"{int(metrics['train_rows']):,} rows trained on and {int(metrics['eval_rows']):,} evaluated on"
+            in description)
+    assert trained_model.run_id in description
 
 
 def test_logged_model_has_signature_metadata_and_onnx(trained_model, tmp_path):
@@ -185,6 +198,13 @@ def test_request_log_rows_with_feedback_are_used_and_unlabelled_ones_excluded(tm
     assert metrics["excluded_unlabelled_rows"] == 250
     assert metrics["train_rows"] + metrics["eval_rows"] == reference_data.rows + 400
     client = trained.store.client()
+    run = client.get_run(trained.run_id)
+    assert run.info.run_name == f"train · ref {reference_data.rows:,} + feedback 400 · seed 0"
+    (feedback,) = [di for di in run.inputs.dataset_inputs if di.dataset.name == "feedback"]
+    assert json.loads(feedback.dataset.profile)["num_rows"] == 400
+    assert {t.key: t.value for t in feedback.tags}["mlflow.data.context"] == "training"
+    assert trained.store.client().get_model_version(trained.name, trained.version).description.count(
+        f"reference {reference_data.rows:,} + feedback 400 labelled rows") == 1
     evaluation = pd.read_parquet(client.download_artifacts(trained.run_id, EVALUATION_ARTIFACT))
     # Time order: the request log is newer than the reference data, so it is evaluated on, last.
     from_log = evaluation[evaluation["source"] == "requests"]
@@ -349,6 +369,8 @@ def test_mlflow_run_train_entry_point_registers_a_staging_version(tmp_path, refe
     # The project's own run was reused: one run, holding both the params and the model.
     assert len(runs) == 1 and runs[0].info.run_id == staged.run_id
     assert runs[0].data.params["n_estimators"] == "6"
+    # MLflow named the project's run at random; training names it after its data.
+    assert runs[0].info.run_name == f"train · ref {reference_data.rows:,} · seed 3"
 
 
 @pytest.mark.slow
@@ -362,6 +384,7 @@ def test_mlflow_run_refusal_fails_the_run_with_the_reason_and_registers_nothing(
     (failed,) = client.search_runs([client.get_experiment_by_name(registry.TRAINING_EXPERIMENT).experiment_id])
     assert failed.info.status == "FAILED"
     assert "min_eval_frauds" in failed.data.tags["refused"]
+    assert failed.info.run_name == f"train · ref {reference_data.rows:,} · seed 0 · refused"
 
 
 # --- out-of-bag scores --------------------------------------------------------------------------------
@@ -401,6 +424,11 @@ def test_a_postgresql_request_log_without_its_table_yet_counts_as_empty(make_mlf
         store.dispose()
     trained = train_tiny_model(make_mlflow_store(), requests=postgres_url)
     assert trained.result.metrics["train_rows"] + trained.result.metrics["eval_rows"] == trained.data.rows
+    run = trained.store.client().get_run(trained.run_id)
+    assert run.info.run_name == f"train · ref {trained.data.rows:,} + feedback 0 · seed 0"
+    (feedback,) = [di.dataset for di in run.inputs.dataset_inputs if di.dataset.name == "feedback"]
+    assert feedback.source_type == "sql" and json.loads(feedback.profile)["num_rows"] == 0
+    assert json.loads(feedback.source)["url"].startswith("postgresql+psycopg://")
 
 
 # --- the arrival split -------------------------------------------------------------------------------
