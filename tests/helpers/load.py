@@ -66,15 +66,16 @@ class Load:
     Use as a context manager: the clients always stop. Each keeps one requests.Session, so its
     connection stays open from one request to the next (the server may still close it, e.g. after
     KEEPALIVE_REQUESTS, or by dying; the session then opens another). With `refusals`, every other
-    request of a client is the next of them in turn, and the request after it a valid one again.
-    Each outcome names the connection its answer came on (`port`), so a test can tell a connection
-    kept from one closed.
+    request of a client is the next of them in turn, and the request after it a valid one again. With
+    `pause`, each client waits that long after each answer (a paced client, for a scenario that
+    watches what the service answers rather than how much it takes). Each outcome names the
+    connection its answer came on (`port`), so a test can tell a connection kept from one closed.
     """
 
     def __init__(self, url: str, rows: list[list[float]], *, clients: int, seconds: float,
-                 timeout: float = CLIENT_TIMEOUT, refusals: Sequence[Refusal] = ()):
+                 timeout: float = CLIENT_TIMEOUT, refusals: Sequence[Refusal] = (), pause: float = 0.0):
         self.url, self.rows, self.clients, self.seconds, self.timeout = url, rows, clients, seconds, timeout
-        self.refusals = tuple(refusals)
+        self.refusals, self.pause = tuple(refusals), pause
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
@@ -148,6 +149,8 @@ class Load:
                     self._stop.wait(0.05)  # do not spin while the server is away
                     continue
                 self._record(replace(_outcome(index, started, time.monotonic(), response), port=port, **expected))
+                if self.pause:
+                    self._stop.wait(self.pause)
 
     def _request(self, index: int, sent: int) -> tuple[Refusal | None, str, bytes | str, dict[str, str]]:
         """A client's `sent`-th request: (the refusal it is, or None), path, body, headers."""

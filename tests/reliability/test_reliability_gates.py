@@ -32,6 +32,9 @@ SWAP_SECONDS = 60.0
 HOLD_SECONDS = 10 * POLL_SECONDS
 # Load keeps running until the rounds are done, at most this long.
 SLACK_SECONDS = 600.0
+# Each client of the killed-gate scenario waits this long after each answer: some fifty answers a second
+# show what the service serves, and leave the cores to the gates.
+PAUSE_SECONDS = 0.02
 
 
 def _other(version: str) -> str:
@@ -149,7 +152,7 @@ def test_a_gate_killed_at_each_step_is_repaired_by_the_next_and_the_service_serv
         epochs.append(Epoch(since, settled, before | servable()))
         return settled
 
-    with Load(service.url, sample_rows, clients=clients, seconds=SLACK_SECONDS) as load:
+    with Load(service.url, sample_rows, clients=clients, seconds=SLACK_SECONDS, pause=PAUSE_SECONDS) as load:
         mark = settle(load.started, servable())
         for r in range(rounds):
             action, step = KILL_POINTS[r % len(KILL_POINTS)]
