@@ -1,8 +1,9 @@
 """Load on /predict as real clients send it, and the request log checked against what they were told.
 
 `Load` runs client threads, each with its own requests.Session (so its connection is kept alive, as
-real clients' are), and records every request as an `Outcome`. `reconcile` compares the rows the
-clients were told were scored with the rows the request log holds; its `Ledger` checks the promise
+real clients' are), and records every request as an `Outcome`; with `refusals`, every other request
+is one the service refuses (a `Refusal`: a bad token, a body too large, ...). `reconcile` compares the
+rows the clients were told were scored with the rows the request log holds; its `Ledger` checks the promise
 every reliability scenario makes: a row reported as scored is in the log, and the log holds no row
 that no answer accounts for.
 """
@@ -13,14 +14,27 @@ import json
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
 
 import requests
 
 from tests.helpers.service import AUTH, is_error_shape
 
 CLIENT_TIMEOUT = 60.0
+NOT_SHAPED = "not the JSON error shape"
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """A request the service answers with an error, and the answer it must give."""
+
+    name: str
+    path: str
+    headers: dict[str, str]
+    body: bytes
+    status: int
+    code: str
 
 
 @dataclass(frozen=True)
@@ -35,10 +49,15 @@ class Outcome:
     ids: tuple[str, ...] = ()  # the row ids a 200 reported as scored
     version: str | None = None
     request_id: str | None = None  # X-Request-ID, on errors too
+    expected: int = 200  # a Refusal's status for a refusal
+    expected_code: str | None = None  # and its error code
+    port: int | None = None  # the client's end of the connection the answer came on
+    closes: bool = False  # the answer said `Connection: close`
 
     @property
     def ok(self) -> bool:
-        return self.status == 200
+        """The answer a healthy service gives: 200, or the refusal's status and code."""
+        return self.status == self.expected and self.code == self.expected_code
 
 
 class Load:
@@ -46,12 +65,17 @@ class Load:
 
     Use as a context manager: the clients always stop. Each keeps one requests.Session, so its
     connection stays open from one request to the next (the server may still close it, e.g. after
-    KEEPALIVE_REQUESTS, or by dying; the session then opens another).
+    KEEPALIVE_REQUESTS, or by dying; the session then opens another). With `refusals`, every other
+    request of a client is the next of them in turn, and the request after it a valid one again. With
+    `pause`, each client waits that long after each answer (a paced client, for a scenario that
+    watches what the service answers rather than how much it takes). Each outcome names the
+    connection its answer came on (`port`), so a test can tell a connection kept from one closed.
     """
 
     def __init__(self, url: str, rows: list[list[float]], *, clients: int, seconds: float,
-                 timeout: float = CLIENT_TIMEOUT):
+                 timeout: float = CLIENT_TIMEOUT, refusals: Sequence[Refusal] = (), pause: float = 0.0):
         self.url, self.rows, self.clients, self.seconds, self.timeout = url, rows, clients, seconds, timeout
+        self.refusals, self.pause = tuple(refusals), pause
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
@@ -106,48 +130,71 @@ class Load:
             time.sleep(0.05)
 
     def _client(self, index: int) -> None:
-        headers = {"Content-Type": "application/json", **AUTH}
         sent = 0
         with requests.Session() as session:
             session.trust_env = False  # no proxy from the environment: loopback only
             while not self._stop.is_set() and time.monotonic() < self.deadline:
-                n = 1 + sent % 3
-                first = (index * 7 + sent) % len(self.rows)
-                body = json.dumps({"data": [self.rows[(first + k) % len(self.rows)] for k in range(n)]})
+                refusal, path, body, headers = self._request(index, sent)
+                expected = {"expected": refusal.status, "expected_code": refusal.code} if refusal else {}
                 sent += 1
                 started = time.monotonic()
                 try:
-                    response = session.post(f"{self.url}/predict", data=body, headers=headers, timeout=self.timeout)
+                    # Streamed, so that the connection is still the response's until its body is read.
+                    response = session.post(f"{self.url}{path}", data=body, headers=headers, timeout=self.timeout,
+                                            stream=True)
+                    port = _local_port(response)
+                    response.content  # noqa: B018 - reads the body, and hands the connection back to the session
                 except requests.RequestException as exc:
-                    self._record(Outcome(index, started, time.monotonic(), None, type(exc).__name__))
+                    self._record(Outcome(index, started, time.monotonic(), None, type(exc).__name__, **expected))
                     self._stop.wait(0.05)  # do not spin while the server is away
                     continue
-                self._record(_outcome(index, started, time.monotonic(), response))
+                self._record(replace(_outcome(index, started, time.monotonic(), response), port=port, **expected))
+                if self.pause:
+                    self._stop.wait(self.pause)
+
+    def _request(self, index: int, sent: int) -> tuple[Refusal | None, str, bytes | str, dict[str, str]]:
+        """A client's `sent`-th request: (the refusal it is, or None), path, body, headers."""
+        if self.refusals and sent % 2:
+            refusal = self.refusals[(index + sent // 2) % len(self.refusals)]
+            return refusal, refusal.path, refusal.body, refusal.headers
+        n = 1 + sent % 3
+        first = (index * 7 + sent) % len(self.rows)
+        body = json.dumps({"data": [self.rows[(first + k) % len(self.rows)] for k in range(n)]})
+        return None, "/predict", body, {"Content-Type": "application/json", **AUTH}
 
     def _record(self, outcome: Outcome) -> None:
         with self._lock:
             self._outcomes.append(outcome)
 
 
+def _local_port(response: requests.Response) -> int | None:
+    """The client's port of the connection a streamed response came on (None if it is gone already)."""
+    sock = getattr(response.raw.connection, "sock", None)
+    return sock.getsockname()[1] if sock is not None else None
+
+
 def _outcome(client: int, started: float, ended: float, response: requests.Response) -> Outcome:
     request_id = response.headers.get("X-Request-ID")
+    closes = response.headers.get("Connection", "").lower() == "close"
     try:
         answer = response.json()
     except ValueError:
         answer = {}
     if response.status_code == 200:
         return Outcome(client, started, ended, 200, None, tuple(answer.get("request_id", ())),
-                       str(answer.get("model_version")), request_id)
+                       str(answer.get("model_version")), request_id, closes=closes)
     error = answer.get("error") if isinstance(answer, dict) else None
     code = error.get("code") if isinstance(error, dict) else None
     shaped = isinstance(code, str) and is_error_shape(answer, code)
-    return Outcome(client, started, ended, response.status_code, code if shaped else "not the JSON error shape",
-                   request_id=request_id)
+    return Outcome(client, started, ended, response.status_code, code if shaped else NOT_SHAPED,
+                   request_id=request_id, closes=closes)
 
 
 def summary(outcomes: list[Outcome]) -> str:
-    """Outcomes counted by kind, e.g. "ok: 310, 503 request_log_unavailable: 12"."""
-    counts = Counter("ok" if o.ok else f"{o.status} {o.code}" for o in outcomes)
+    """Outcomes counted by kind, e.g. "ok: 310, 401 as expected: 40, 503 request_log_unavailable: 12"."""
+    counts = Counter(("ok" if o.expected == 200 else f"{o.expected} as expected") if o.ok
+                     else f"{o.status} {o.code}" + ("" if o.expected == 200 else f" (expected {o.expected})")
+                     for o in outcomes)
     return ", ".join(f"{k}: {v}" for k, v in counts.most_common()) or "no requests"
 
 

@@ -31,6 +31,8 @@ class ScenarioRecord:
     faults: int = 0  # faults injected and survived
     inputs: int = 0  # hostile or generated inputs tried
     rows_lost: int | None = None  # rows reported as scored but missing from the request log
+    duplicates: int | None = None  # rows the request log holds more than once (where a retried write could)
+    repairs: int | None = None  # registry repairs a gate made after another was killed
     notes: list[str] = field(default_factory=list)
     result: str = OK  # OK, FAILED, or "skipped: <reason>": the test's outcome, set by the conftest
     began: float = field(default_factory=time.monotonic, repr=False)
@@ -48,22 +50,30 @@ class ScenarioRecord:
 
 
 HEADER = ("scenario", "load held (clients × s)", "requests", "errors", "faults survived", "inputs tried",
-          "rows lost", "result")
+          "rows lost", "rows twice", "repairs", "result")
+
+
+def _count(value: int | None) -> str:
+    return "-" if value is None else f"{value:,}"
 
 
 def table(records: list[ScenarioRecord]) -> str:
-    """One line per scenario and a total, which is FAILED when any scenario failed or lost a row."""
+    """One line per scenario and a total, which is FAILED when any scenario failed, lost a row or
+    logged one twice."""
     body = [(r.name, r.load, f"{r.requests:,}", f"{r.errors:,}", str(r.faults), f"{r.inputs:,}",
-             "-" if r.rows_lost is None else str(r.rows_lost), r.result) for r in records]
+             _count(r.rows_lost), _count(r.duplicates), _count(r.repairs), r.result) for r in records]
     ran = [r for r in records if not r.result.startswith(SKIPPED)]
     lost = sum(r.rows_lost or 0 for r in ran)
+    twice = sum(r.duplicates or 0 for r in ran)
     body.append(("total", "", f"{sum(r.requests for r in ran):,}", f"{sum(r.errors for r in ran):,}",
-                 str(sum(r.faults for r in ran)), f"{sum(r.inputs for r in ran):,}", str(lost),
-                 OK if all(r.result == OK for r in ran) and lost == 0 else FAILED))
+                 str(sum(r.faults for r in ran)), f"{sum(r.inputs for r in ran):,}", str(lost), str(twice),
+                 str(sum(r.repairs or 0 for r in ran)),
+                 OK if all(r.result == OK for r in ran) and lost == 0 and twice == 0 else FAILED))
     widths = [max(len(row[i]) for row in (HEADER, *body)) for i in range(len(HEADER))]
+    left = (0, 1, len(HEADER) - 1)
 
     def line(row: tuple[str, ...]) -> str:
-        return "  ".join(cell.ljust(w) if i in (0, 1, 7) else cell.rjust(w)
+        return "  ".join(cell.ljust(w) if i in left else cell.rjust(w)
                          for i, (cell, w) in enumerate(zip(row, widths, strict=True))).rstrip()
 
     rule = "  ".join("-" * w for w in widths)

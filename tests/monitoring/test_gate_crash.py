@@ -4,97 +4,25 @@ registry, says so, and records it; a registry split by hand is repaired the same
 
 from __future__ import annotations
 
-import json
 import re
-import sys
-from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
 from mlflow.exceptions import MlflowException
 
 from common import registry
-from common.paths import REPO_ROOT
-from monitoring import gate, promotion
+from monitoring import gate
 from monitoring.reference import read_reference_metadata
-from service.metrics import Metrics
-from service.watcher import ModelWatcher
-from tests.helpers.builders import MlflowStore
-from tests.helpers.processes import clean_env, run
-
-GENEROUS = {"max_average_precision_drop": 1.0, "max_recall_drop": 1.0, "floor_average_precision": 0.0,
-            "floor_recall": 0.0}
-
-
-@dataclass(frozen=True)
-class World:
-    """A private copy of the serving registry (v1 Production, v2 Staging) and the gate's files."""
-
-    store: MlflowStore
-    name: str
-    env: dict[str, str]
-    root: Path
-
-    @property
-    def client(self):
-        return self.store.client()
-
-    @property
-    def reference_file(self) -> Path:
-        return self.root / "drift_reference.parquet"
-
-    def gate_args(self, *args: str) -> list[str]:
-        return [*args, "--reference-file", str(self.reference_file), "--output-dir", str(self.root / "out")]
-
-    def stages(self) -> dict[str, str]:
-        with registry.stages_api():
-            return {str(v.version): v.current_stage for v in self.client.search_model_versions(f"name = '{self.name}'")}
-
-    def alias(self, alias: str) -> str | None:
-        holder = registry.version_with_alias(self.client, self.name, alias)
-        return None if holder is None else str(holder.version)
-
-    def intent(self) -> dict | None:
-        raw = self.client.get_registered_model(self.name).tags.get(promotion.INTENT_TAG)
-        return None if raw is None else json.loads(raw)
-
-    def served(self) -> str:
-        """The version a service's watcher loads from this registry now."""
-        watcher = ModelWatcher(Metrics(), tracking_uri=lambda: self.store.tracking_uri, model_name=self.name)
-        watcher.check()
-        assert watcher.current is not None, watcher.status()
-        return watcher.current.version
-
-    def repair_runs(self) -> list:
-        experiment = self.client.get_experiment_by_name(registry.PROMOTION_EXPERIMENT)
-        return self.client.search_runs([experiment.experiment_id], "tags.decision = 'repaired'")
+from tests.helpers.gates import GateWorld, gate_world
 
 
 @pytest.fixture
-def world(serving_registry, tmp_path, use_env, monkeypatch) -> World:
-    store = serving_registry.copy(tmp_path / "registry")
-    config = tmp_path / "promotion.json"
-    config.write_text(json.dumps(GENEROUS))
-    env = {**store.env(), **serving_registry.data.env(), "MODEL_NAME": serving_registry.name,
-           "LATEST_DB": str(tmp_path / "requests.db"), "PROMOTION_CONFIG": str(config)}
-    use_env(env)
-    monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
-    monkeypatch.delenv(promotion.CRASH_AFTER_VARIABLE, raising=False)
-    return World(store, serving_registry.name, env, tmp_path)
+def world(serving_registry, tmp_path, monkeypatch) -> GateWorld:
+    world = gate_world(serving_registry, tmp_path)
+    world.apply(monkeypatch)
+    return world
 
 
-def _killed_gate(world: World, step: str, *args: str) -> str:
-    """Run the gate in a process of its own that kills itself with SIGKILL after `step`; return
-    the id of the gate run it left behind."""
-    result = run([sys.executable, "-m", "monitoring.gate", *world.gate_args(*args)], cwd=REPO_ROOT, expect=-9,
-                 env=clean_env(**world.env, **{promotion.CRASH_AFTER_VARIABLE: step}), timeout=300)
-    assert "gate:" not in result.stdout  # it never got to print its decision
-    intent = world.intent()
-    assert intent is not None and intent["run_id"]
-    return intent["run_id"]
-
-
-def _assert_settled(world: World, champion: str, previous: str, killed_run: str, out: str) -> None:
+def _assert_settled(world: GateWorld, champion: str, previous: str, killed_run: str, out: str) -> None:
     stages = world.stages()
     assert [v for v, stage in stages.items() if stage == "Production"] == [champion], stages
     assert world.alias("champion") == champion and world.alias("previous") == previous
@@ -113,7 +41,7 @@ def _assert_settled(world: World, champion: str, previous: str, killed_run: str,
 
 @pytest.mark.slow
 def test_a_promotion_killed_after_the_stage_change_is_undone_and_the_next_gate_promotes(world, capsys):
-    killed = _killed_gate(world, "stage", "--version", "2", "--reason", "manual")
+    killed = world.killed_gate("stage", "--version", "2", "--reason", "manual")
     # Two Production versions, champion still on v1: the service stays on v1.
     assert world.stages() == {"1": "Production", "2": "Production"} and world.alias("champion") == "1"
     assert world.served() == "1"
@@ -129,7 +57,7 @@ def test_a_promotion_killed_after_the_stage_change_is_undone_and_the_next_gate_p
 @pytest.mark.slow
 @pytest.mark.parametrize("step", ["alias", "reference"])
 def test_a_promotion_killed_after_the_alias_moved_is_completed_by_the_next_gate(world, capsys, step):
-    killed = _killed_gate(world, step, "--version", "2", "--reason", "manual")
+    killed = world.killed_gate(step, "--version", "2", "--reason", "manual")
     assert world.alias("champion") == "2" and world.served() == "2"
     if step == "alias":  # v1 is not archived yet, `previous` not set, the reference not refreshed
         assert world.stages() == {"1": "Production", "2": "Production"} and world.alias("previous") is None
@@ -155,7 +83,7 @@ def test_a_promotion_killed_after_the_alias_moved_is_completed_by_the_next_gate(
 @pytest.mark.slow
 def test_a_rollback_killed_after_the_stage_change_is_undone_and_the_next_gate_rolls_back(world, capsys):
     assert gate.main(world.gate_args("--version", "2", "--reason", "manual")) == gate.EXIT_PASSED
-    killed = _killed_gate(world, "stage", "--rollback", "true")
+    killed = world.killed_gate("stage", "--rollback", "true")
     assert world.stages() == {"1": "Production", "2": "Production"} and world.served() == "2"
 
     assert gate.main(world.gate_args("--rollback", "true")) == gate.EXIT_PASSED

@@ -19,12 +19,8 @@ from common.paths import REPO_ROOT
 from monitoring import gate
 from monitoring.gate_lock import LockBusy, gate_lock
 from tests.helpers.builders import MlflowStore, train_model
-from tests.helpers.processes import Server, clean_env, free_port, http_ok, start, wait_until
-
-# Wide margins: two tiny forests of different seeds differ by more than the shipped ones, and these
-# tests are about who promotes, not about quality.
-GENEROUS = {"max_average_precision_drop": 1.0, "max_recall_drop": 1.0, "floor_average_precision": 0.0,
-            "floor_recall": 0.0}
+from tests.helpers.gates import GENEROUS, gate_world, start_gate, wait_for_output
+from tests.helpers.processes import clean_env, free_port, http_ok, start, wait_until
 
 
 def _sqlite(tmp_path: Path) -> str:
@@ -99,32 +95,17 @@ def test_the_sqlite_gate_lock_is_its_own_file_not_the_writers_lock(tmp_path):
 # --- gate processes -------------------------------------------------------------------------------
 
 
-def _gate(name: str, env: dict[str, str], out: Path, *args: str) -> Server:
-    out.mkdir(parents=True, exist_ok=True)
-    return start(name, [sys.executable, "-m", "monitoring.gate", "--output-dir", str(out),
-                        "--reference-file", str(out / "drift_reference.parquet"), *args],
-                 env=env, cwd=REPO_ROOT, log_dir=out)
-
-
-def _wait_for_output(server: Server, text: str, timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while text not in server.output():
-        if server.process.poll() is not None or time.monotonic() > deadline:
-            raise AssertionError(f"{server.name} never said {text!r}:\n{server.output()}")
-        time.sleep(0.1)
-
-
 def _two_gates_then_one_more(env: dict[str, str], request_log: str, tmp_path: Path, client, name: str) -> None:
     """While this test holds the gate lock: gates A and B (waiting up to 10 minutes) both wait, and
     C (waiting 1 s) gives up with exit code 4. Then the lock is released: exactly one of A and B
     promotes version 2, and the other, once it has the lock, finds it already Production."""
     promote = ("--version", "2", "--reason", "manual")
     with gate_lock(request_log, 5):
-        gates = [_gate(label, env, tmp_path / label, *promote, "--lock-wait", "600") for label in ("a", "b")]
-        impatient = _gate("c", env, tmp_path / "c", *promote, "--lock-wait", "1")
+        gates = [start_gate(label, env, tmp_path / label, *promote, "--lock-wait", "600") for label in ("a", "b")]
+        impatient = start_gate("c", env, tmp_path / "c", *promote, "--lock-wait", "1")
         try:
             for server in gates:
-                _wait_for_output(server, "holds the gate lock")
+                wait_for_output(server, "holds the gate lock")
             assert impatient.process.wait(120) == gate.EXIT_BUSY, impatient.output()
             assert "gate: gave up: another promotion or rollback held the gate lock" in impatient.output()
             assert "for all of 1 s; nothing was changed" in impatient.output()
@@ -146,13 +127,8 @@ def _two_gates_then_one_more(env: dict[str, str], request_log: str, tmp_path: Pa
 
 @pytest.mark.slow
 def test_two_gates_started_together_on_the_embedded_store_promote_once(serving_registry, tmp_path):
-    store = serving_registry.copy(tmp_path / "registry")
-    config = tmp_path / "promotion.json"
-    config.write_text(json.dumps(GENEROUS))
-    request_log = _sqlite(tmp_path)
-    env = clean_env(**store.env(), **serving_registry.data.env(), MODEL_NAME=serving_registry.name,
-                    LATEST_DB=request_log, PROMOTION_CONFIG=str(config))
-    _two_gates_then_one_more(env, request_log, tmp_path, store.client(), serving_registry.name)
+    world = gate_world(serving_registry, tmp_path, request_log=_sqlite(tmp_path))
+    _two_gates_then_one_more(clean_env(**world.env), world.env["LATEST_DB"], tmp_path, world.client, world.name)
 
 
 @pytest.mark.slow

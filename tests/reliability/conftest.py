@@ -1,8 +1,8 @@
 """Options, fixtures and the summary table of the reliability scenarios.
 
 A scenario is a test marked `@pytest.mark.scenario(name)` that fills in the `scenario` fixture (a
-`ScenarioRecord`: load held, requests, errors, faults, inputs, rows lost). After the run, the
-terminal summary prints one table of every scenario with its outcome.
+`ScenarioRecord`: load held, requests, errors, faults, inputs, rows lost, rows logged twice, registry
+repairs). After the run, the terminal summary prints one table of every scenario with its outcome.
 
 Size comes from the options below. `make test` runs every scenario small (the defaults);
 `make reliability` runs the same tests heavier (see the Makefile), e.g.
@@ -35,10 +35,14 @@ SERVERS = pytest.StashKey[list[processes.Server]]()
 def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("reliability", "size of the reliability scenarios (tests/reliability)")
     group.addoption("--clients", type=int, default=4,
-                    help="concurrent clients of the load scenario; fault scenarios use half, at least 4 (default 4)")
+                    help="concurrent clients of the load and refusal scenarios; fault scenarios use half, at least 4 "
+                         "(default 4)")
     group.addoption("--seconds", type=float, default=4.0,
-                    help="seconds of load in the load scenario; fault scenarios use half, at least 6 (default 4)")
-    group.addoption("--kills", type=int, default=1, help="workers killed with SIGKILL under load (default 1)")
+                    help="seconds of load in the load, refusal and lost-acknowledgement scenarios; other fault "
+                         "scenarios use half, at least 6 (default 4)")
+    group.addoption("--kills", type=int, default=1,
+                    help="workers killed with SIGKILL under load, gates killed mid-promotion, and rounds of two "
+                         "gates started together (default 1)")
     group.addoption("--repeats", type=int, default=4, help="rounds of hostile inputs (default 4)")
     group.addoption("--examples", type=int, default=10, help="schemathesis examples per operation (default 10)")
     group.addoption("--fuzz-phases", default="fuzzing",

@@ -54,3 +54,15 @@ def test_the_table_has_one_row_per_scenario_and_a_total_that_fails_when_any_does
     assert total[0] == "total" and total[1] == "150" and total[-1] == FAILED
     assert table([good, skipped]).splitlines()[-1].split()[-1] == OK
     assert table([good, ScenarioRecord("lost", rows_lost=1)]).splitlines()[-1].split()[-1] == FAILED
+    assert table([good, ScenarioRecord("twice", duplicates=1)]).splitlines()[-1].split()[-1] == FAILED
+
+
+def test_the_table_counts_rows_logged_twice_and_repairs_where_a_scenario_counted_them():
+    acked = ScenarioRecord("lost ack", requests=10, rows_lost=0, duplicates=0)
+    killed = ScenarioRecord("killed gate", faults=3, repairs=5)
+    lines = table([acked, killed]).splitlines()
+    header, first, second, total = lines[0], lines[2].split(), lines[3].split(), lines[-1].split()
+    assert header.index("rows twice") < header.index("repairs") < header.index("result")
+    assert first[-4:] == ["0", "0", "-", OK]  # rows lost, rows twice, repairs, result
+    assert second[-4:] == ["-", "-", "5", OK]
+    assert total[-4:] == ["0", "0", "5", OK]

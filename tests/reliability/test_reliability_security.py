@@ -1,5 +1,6 @@
-"""What a client cannot do: get in without the token, hurt the service with hostile input, or find
-an answer the OpenAPI document does not describe (schemathesis). `--repeats`, `--examples` and
+"""What a client cannot do: get in without the token, lose its next request to a refusal on its
+kept-alive connection, hurt the service with hostile input, or find an answer the OpenAPI document
+does not describe (schemathesis). `--clients`, `--seconds`, `--repeats`, `--examples` and
 `--fuzz-phases` set the size."""
 
 from __future__ import annotations
@@ -7,17 +8,20 @@ from __future__ import annotations
 import contextlib
 import functools
 import hmac
+import itertools
 import json
 import socket
 import subprocess
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import pytest
 import requests
 
+from common import settings
 from common.paths import REPO_ROOT
 from common.schema import FEATURES
 from service import auth
@@ -25,6 +29,7 @@ from service.app import create_app
 from service.errors import ApiError
 from tests.helpers import processes
 from tests.helpers.gunicorn import MAX_BODY_BYTES, MAX_ROWS, OFFLINE, Service
+from tests.helpers.load import Load, Refusal, reconcile, summary
 from tests.helpers.service import AUTH, TOKEN, is_error_shape
 
 SCHEMATHESIS_HOOKS = REPO_ROOT / "tests" / "helpers" / "schemathesis_hooks.py"
@@ -143,6 +148,78 @@ def test_tokens_are_compared_with_hmac_compare_digest_against_every_configured_t
         tokens.check(f"Bearer {TOKENS[0]}")
     monkeypatch.setattr(auth.hmac, "compare_digest", lambda given, expected: True)
     tokens.check("Bearer anything-at-all")
+
+
+# --- refusals on kept-alive connections ---------------------------------------------------------------
+
+# Each refusal but the 413 carries a body larger than gunicorn reads by itself after an answer (64 KiB),
+# so the service must drain it before it answers (service/connection.py).
+REFUSED_BODY = b" " * 100_000 + b"{}"
+JSON_AUTH = {**AUTH, "Content-Type": "application/json"}
+REFUSALS = (
+    Refusal("bad token", "/predict", {**JSON_AUTH, "Authorization": "Bearer not-the-token"}, REFUSED_BODY, 401,
+            "unauthorized"),
+    Refusal("text/plain", "/predict", {**AUTH, "Content-Type": "text/plain"}, REFUSED_BODY, 415,
+            "unsupported_media_type"),
+    Refusal("404 with a body", "/no-such-endpoint", JSON_AUTH, REFUSED_BODY, 404, "not_found"),
+    Refusal("405 with a body", "/health", JSON_AUTH, REFUSED_BODY, 405, "method_not_allowed"),
+    Refusal("body over MAX_BODY_BYTES", "/predict", JSON_AUTH, b" " * (MAX_BODY_BYTES + 10_000) + b"{}", 413,
+            "payload_too_large"),
+)
+
+
+def unread_bodies(service: Service) -> Counter:
+    """fraud_unread_bodies_total by outcome: how the service left connections after early answers."""
+    return Counter({dict(labels)["outcome"]: value for (name, labels), value in service.metrics().items()
+                    if name == "fraud_unread_bodies_total"})
+
+
+@pytest.mark.slow
+@pytest.mark.scenario("refusals on kept-alive connections")
+def test_clients_that_keep_their_connections_through_refusals_lose_no_request(shared_service, sample_rows, size,
+                                                                              scenario, monkeypatch):
+    """`--clients` clients for `--seconds`, each on the connection it keeps alive (requests.Session:
+    headers, then body): every other request is refused (401, 415, and 404 and 405 with a body, answered
+    before the body is read; 413, a body over MAX_BODY_BYTES), and the next one is valid. Every request
+    gets its answer, none is lost to a closed connection. Each refused body is drained and its connection
+    carries the next request, except the 413's, which says `Connection: close` (the client opens a new
+    one). The log gains exactly the rows the 200s reported."""
+    service = shared_service
+    monkeypatch.delenv("KEEPALIVE_REQUESTS", raising=False)
+    per_connection = settings.keepalive_requests()  # the service's default: it closes a connection after these
+    # A first row, so that the log's table exists whatever ran before on the shared service.
+    first = requests.post(f"{service.url}/predict", json={"data": [ROW]}, headers=AUTH, timeout=30)
+    assert first.status_code == 200, first.text
+    bodies_before, logged_before = unread_bodies(service), service.logged_ids()
+    with Load(service.url, sample_rows, clients=size.clients, seconds=size.seconds, refusals=REFUSALS) as load:
+        outcomes = load.wait()
+    bodies = unread_bodies(service) - bodies_before
+    ledger = reconcile(outcomes, service.logged_ids() - logged_before)
+    scenario.took(load)
+    scenario.rows_lost = len(ledger.lost)
+    refused = Counter(o.expected for o in outcomes if o.expected != 200)
+    scenario.inputs = refused.total()
+    # Each client's answers in order: a connection whose answer said keep-alive carries the next request.
+    # (An answer that closes its connection may come without it: urllib3 lets go of it at once.)
+    by_client = sorted(outcomes, key=lambda o: (o.client, o.started))
+    pairs = [(a, b) for a, b in itertools.pairwise(by_client) if a.client == b.client]
+    dropped = [a for a, b in pairs if not a.closes and None not in (a.port, b.port) and a.port != b.port]
+    closed = Counter(o.expected for o in outcomes if o.closes)
+    connections = len({(o.client, o.port) for o in outcomes if o.port is not None})
+    scenario.notes.append(f"refusals {', '.join(f'{k}: {v}' for k, v in sorted(refused.items()))}; "
+                          f"{connections} connections for {len(outcomes)} requests")
+
+    failures = [o for o in outcomes if not o.ok]
+    assert not failures, f"{len(failures)} of {len(outcomes)} requests did not get their answer: {summary(failures)}"
+    assert refused.keys() == {r.status for r in REFUSALS}, f"not every refusal was sent: {dict(refused)}"
+    assert not dropped, (f"{len(dropped)} connections said keep-alive but did not carry the next request, "
+                         f"e.g. after {summary(dropped[:5])}")
+    assert closed[413] == refused[413], f"{refused[413] - closed[413]} answers 413 kept an unread body's connection"
+    assert closed.total() - closed[413] <= len(outcomes) // per_connection + size.clients, (
+        f"connections closed after {dict(closed)}: refusals whose bodies were drained closed theirs")
+    assert bodies == Counter(drained=refused.total() - refused[413], too_large=refused[413]), (
+        f"unread bodies {dict(bodies)} for refusals {dict(refused)}: every body but the 413's is drained")
+    ledger.check(exact=True)
 
 
 # --- input limits ---------------------------------------------------------------------------------------

@@ -1,5 +1,6 @@
-"""Request-log trouble while the load runs: a SQLite file held by another writer, and a PostgreSQL
-server stopped and started again (a private cluster, never the machine's shared one)."""
+"""Request-log trouble while the load runs: a SQLite file held by another writer, a PostgreSQL server
+stopped and started again (a private cluster, never the machine's shared one), and PostgreSQL
+commits whose acknowledgement is lost on the way back."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from common.store import RequestStore, StoreUnavailable
 from service.request_log import WRITE_RETRIES
 from tests.helpers.gunicorn import WORKERS
 from tests.helpers.load import Load, Outcome, reconcile, summary
+from tests.helpers.pg_proxy import CommitAckCutter
 
 # The request log's retry budget on a locked SQLite file: each attempt waits out the busy timeout,
 # with 50 ms and 100 ms of backoff between attempts (common/store.py, service/request_log.py).
@@ -163,3 +165,48 @@ def test_a_restarted_postgresql_log_gives_503s_then_recovers_without_a_restart_o
     # Requests that began before the database was up again may have met it down; later ones must not fail.
     check_outage(outcomes, started, pids_before, pids_after, expect_errors=True)
     ledger.check(exact=False)
+
+
+@pytest.mark.slow
+@pytest.mark.postgres
+@pytest.mark.scenario("PostgreSQL commit acknowledgement lost")
+def test_commits_whose_acknowledgement_is_lost_still_answer_200_and_log_each_row_once(postgres_url, serve,
+                                                                                   sample_rows, size, scenario):
+    """The request log is on PostgreSQL behind a loopback proxy (tests/helpers/pg_proxy.py) that, again
+    and again while the load runs, lets a COMMIT through and cuts its connection before the answer: the
+    rows are committed, and the worker that wrote them sees its connection lost. Its retry finds them and
+    counts the write as done, so every client gets 200, and the log holds each row exactly once."""
+    clients, seconds = size.fault_clients, size.seconds
+    with CommitAckCutter() as proxy:
+        service = serve("lost-ack", request_log=proxy.url(postgres_url))
+        scenario.step("PostgreSQL proxy and service up")
+        with Load(service.url, sample_rows, clients=clients, seconds=seconds + SLACK_SECONDS) as load:
+            cut_at = load.started
+            while time.monotonic() < load.started + seconds:
+                # Every client answered since the last cut, the one whose COMMIT was cut too: one fault
+                # per request at a time (a retry cut again would be two in a row).
+                load.wait_for(lambda o, t=cut_at: len({x.client for x in o if x.started > t}) == clients,
+                              "an answer to every client since the last cut")
+                proxy.lose_next_commit_ack()
+                assert proxy.cut.wait(30), "no COMMIT went through the proxy within 30 s"
+                cut_at = time.monotonic()
+                scenario.faults += 1
+            outcomes = load.stop()
+        scenario.step(f"{scenario.faults} acknowledgements lost")
+        service.stop()
+    store = RequestStore(postgres_url, create=False)
+    try:
+        logged = list(store.read_frame(("request_id",))["request_id"])
+    finally:
+        store.dispose()
+    ledger = reconcile(outcomes, set(logged))
+    scenario.took(load)
+    scenario.rows_lost = len(ledger.lost)
+    scenario.duplicates = len(logged) - len(set(logged))
+
+    failures = [o for o in outcomes if not o.ok]
+    assert scenario.faults > 0, "no acknowledgement was lost"
+    assert not failures, (f"{len(failures)} requests failed with {scenario.faults} acknowledgements lost: "
+                          f"{summary(failures)}")
+    assert scenario.duplicates == 0, f"{scenario.duplicates} rows are logged more than once"
+    ledger.check(exact=True)
