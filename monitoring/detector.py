@@ -84,12 +84,20 @@ def ecdf_gap(reference_values: np.ndarray, reference_counts: np.ndarray, n1: int
 
     Between two consecutive reference jump points the reference ECDF is constant and the current
     ECDF only grows, so |F_ref - F_cur| peaks at an end of the interval: at a jump point (current
-    count `<=` it) or just before it (current count `<` it). Two binary searches of the reference's
-    jump points in the current sample cover every candidate, ties included, in O(n1 log n2).
+    count `<=` it) or just before it (current count `<` it). A binary search of the reference's
+    jump points in the current sample gives the counts `<=`; the counts `<` differ from them only
+    at a jump point the current sample also holds (a tie), so a second search runs for those
+    points alone (docs/decisions/020-drift-check-start-up-and-ks.md). O(n1 log n2), ties included.
     """
     n2 = current_sorted.size
-    right = np.searchsorted(current_sorted, reference_values, side="right").astype(np.int64)
-    left = np.searchsorted(current_sorted, reference_values, side="left").astype(np.int64)
+    right = np.searchsorted(current_sorted, reference_values, side="right")
+    # A tie at a jump point: the largest current value <= it is the point itself.
+    tied = (np.flatnonzero(current_sorted[np.maximum(right - 1, 0)] == reference_values) if n2
+            else np.empty(0, dtype=np.intp))
+    left = right.copy()
+    if tied.size:
+        left[tied] = np.searchsorted(current_sorted, reference_values[tied], side="left")
+    right, left = right.astype(np.int64), left.astype(np.int64)
     before = np.concatenate(([0], reference_counts[:-1]))
     at_points = np.abs(reference_counts * n2 - right * n1).max()
     before_points = np.abs(before * n2 - left * n1).max()
