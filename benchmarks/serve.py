@@ -12,9 +12,12 @@ between a training and the gate's decision:
   - the service as configured by default (`service/gunicorn.conf.py`: 2 workers), /predict: the
     challenger scores every request in the shadow;
   - the same with SHADOW=off, to show what the shadow costs;
-  - the same with the request log on PostgreSQL (a throwaway database on --postgres, dropped
-    afterwards), the scale-out path; its CPU per request is also given for the database's own
-    backends (the WAL writer and checkpointer are not counted);
+  - the same with the request log on PostgreSQL (throwaway databases on --postgres, dropped
+    afterwards), the scale-out path: with the sessions' synchronous_commit off, as docker/compose.yaml
+    configures it (docs/decisions/019-postgresql-copy-and-synchronous-commit.md), and with the
+    server's default (on: a disk flush before each commit returns), to show that trade-off; their
+    CPU per request is also given for the database's own backends (the WAL writer and checkpointer
+    are not counted);
   - the same on a request log that already holds LOG_ROWS rows (--log-rows), filled before the
     servers start: the default target starts from an empty log, and a log grows in service;
   - the same with SQLITE_SYNCHRONOUS=FULL (a disk flush per commit), to show that trade-off;
@@ -71,6 +74,8 @@ GOALS = {"vs_mlflow": 30.0, "vs_ceiling": 0.5, "p99_ms": 10.0, "batch_ms": 20.0,
          # The shadow's cost (issue 18) and the PostgreSQL request log's (issue 22).
          "shadow_cpu": 1.15, "pg_vs_sqlite": 0.5, "pg_p99_ms": 15.0, "pg_batch_ms": 40.0}
 POSTGRES = "postgresql://postgres@127.0.0.1:5432/postgres"
+# What docker/compose.yaml adds to the request log's URL (docs/decisions/019-postgresql-copy-and-synchronous-commit.md).
+ASYNC_COMMIT = {"options": "-c synchronous_commit=off"}
 REFERENCE = "bare Flask + gunicorn defaults (-w 2: sync workers), parse only"
 SCRUBBED_ENV = ("API_TOKEN", "API_TOKEN_FILE", "MODEL_URI", "FRAUD_THRESHOLD", "PROMETHEUS_MULTIPROC_DIR", "LATEST_DB",
                 "WEB_THREADS", "WEB_CONCURRENCY", "SQLITE_SYNCHRONOUS", "GUNICORN_CMD_ARGS", "KEEPALIVE_REQUESTS",
@@ -287,14 +292,14 @@ def wait_for_challenger(url: str, version: str, timeout: float = 120.0) -> None:
 
 
 @contextlib.contextmanager
-def throwaway_database(admin_url: str) -> Iterator[str]:
+def throwaway_database(admin_url: str, label: str) -> Iterator[str]:
     """A new PostgreSQL database on the server of `admin_url`, for one run's request log; its URL.
     Dropped afterwards (with any connection still open to it)."""
     import psycopg
     import sqlalchemy as sa
     from psycopg import sql
 
-    name = f"bench_serve_{os.getpid()}"
+    name = f"bench_serve_{os.getpid()}_{label}"
     with psycopg.connect(admin_url, autocommit=True, connect_timeout=5) as conn:
         conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
         conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
@@ -448,7 +453,7 @@ class Roles:
     service: str  # the service as configured by default: the challenger in the shadow, the SQLite log
     bare: str  # the ceiling: the bare endpoint with the service's worker class
     shadow_off: str | None = None
-    postgres: str | None = None
+    postgres: str | None = None  # the request log on PostgreSQL as docker/compose.yaml configures it
     grown: str | None = None
     log_rows: int = 0
 
@@ -463,10 +468,10 @@ def print_table(results: list[LoadResult], batches: dict[str, BatchResult], roun
     print(f"\nsingle-row requests, wrk -t1, median of {rounds} rounds of {seconds} s each "
           f"(load average now {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs); CPU: ms of user + system time "
           "per request, of the server's processes and (db) of the PostgreSQL backends serving it")
-    print(f"{'target':<72} {'clients':>7} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'CPU':>7} {'db CPU':>7} "
+    print(f"{'target':<92} {'clients':>7} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'CPU':>7} {'db CPU':>7} "
           f"{'requests':>9} {'failed':>7}")
     for r in results:
-        print(f"{r.target:<72} {r.clients:>7} {r.requests_per_second:>9.1f} {r.p50_ms:>8.2f} {r.p99_ms:>8.2f} "
+        print(f"{r.target:<92} {r.clients:>7} {r.requests_per_second:>9.1f} {r.p50_ms:>8.2f} {r.p99_ms:>8.2f} "
               f"{_cpu(r.cpu_ms):>7} {_cpu(r.db_cpu_ms):>7} {r.requests:>9} {r.bad:>7}")
     print()
     for name, batch in batches.items():
@@ -546,8 +551,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         print(f"training two {args.trees}-tree models on {args.rows} generated rows ...", flush=True)
         reg = prepare_registry(workdir, args.rows, args.trees)
-        with (throwaway_database(args.postgres) if args.postgres else contextlib.nullcontext()) as postgres_url:
-            return _measure(reg, workdir, args.seconds, args.rounds, args.log_rows, postgres_url)
+        with contextlib.ExitStack() as databases:
+            postgres = tuple(databases.enter_context(throwaway_database(args.postgres, label))
+                             for label in ("async", "durable")) if args.postgres else None
+            return _measure(reg, workdir, args.seconds, args.rounds, args.log_rows, postgres)
     finally:
         if args.keep:
             print(f"kept {workdir}")
@@ -598,8 +605,9 @@ def _grown(rows: int) -> str:
     return f"service /predict, a request log of {rows:,} rows"
 
 
-def _targets(reg: Registry, workdir: Path, log_rows: int, postgres_url: str | None) -> tuple[list[Target], Roles]:
-    """The targets, and which of them the goals compare."""
+def _targets(reg: Registry, workdir: Path, log_rows: int,
+             postgres: tuple[str, str] | None) -> tuple[list[Target], Roles]:
+    """The targets, and which of them the goals compare. `postgres`: two empty databases' URLs."""
     import sqlalchemy as sa
 
     from common import settings
@@ -629,12 +637,16 @@ def _targets(reg: Registry, workdir: Path, log_rows: int, postgres_url: str | No
     roles = Roles(service=f"service /predict, defaults ({workers})",
                   bare=f"bare Flask + gunicorn ({workers}), parse only",
                   shadow_off=f"service /predict, SHADOW=off ({workers})",
-                  postgres=f"service /predict, request log on PostgreSQL ({workers})" if postgres_url else None,
+                  postgres=f"service /predict, request log on PostgreSQL, synchronous_commit=off ({workers})"
+                  if postgres else None,
                   grown=_grown(log_rows) if log_rows else None, log_rows=log_rows)
     targets = [
         service(roles.service, "default"),
         service(roles.shadow_off, "shadow-off", shadow=False, SHADOW="off"),
-        *([service(roles.postgres, "postgres", log=postgres_url)] if postgres_url else []),
+        *([service(roles.postgres, "postgres", log=sa.make_url(postgres[0]).update_query_dict(ASYNC_COMMIT)
+                   .render_as_string(hide_password=False)),
+           service(f"service /predict, request log on PostgreSQL, synchronous_commit=on ({workers})", "postgres",
+                   log=postgres[1])] if postgres else []),
         *([service(roles.grown, "grown")] if log_rows else []),
         service(f"service /predict, SQLITE_SYNCHRONOUS=FULL ({workers})", "full", SQLITE_SYNCHRONOUS="FULL"),
         service(f"service /predict, WEB_THREADS={other} ({_workers(other)})", "other", WEB_THREADS=str(other)),
@@ -681,16 +693,17 @@ def log_counts(location: str) -> tuple[int, int]:
 
 
 def _measure(reg: Registry, workdir: Path, seconds: int, rounds: int, log_rows: int,
-             postgres_url: str | None = None) -> int:
+             postgres: tuple[str, str] | None = None) -> int:
     """All servers run at once; the measurements take turns, round after round, so that a change in
     the machine's load (it is shared) hits every target alike. Each figure is the median of the rounds."""
-    targets, roles = _targets(reg, workdir, log_rows, postgres_url)
+    targets, roles = _targets(reg, workdir, log_rows, postgres)
     if log_rows:
         print(f"filling a request log with {log_rows:,} rows ...", flush=True)
         took = prefill_request_log(workdir / "requests-grown.db", log_rows, reg.row, reg.version, reg.challenger)
         print(f"  {took:.0f} s", flush=True)
-    batch_targets = [roles.service, *([roles.postgres] if roles.postgres else [])]
-    checked = [t for t in targets if t.name in (roles.service, roles.postgres)]  # their logs, after the load
+    # The batches, and the check of the log after the load, for the default target and the PostgreSQL ones.
+    checked = [t for t in targets if t.name == roles.service or t.database]
+    batch_targets = [t.name for t in checked]
     runs: dict[tuple[str, int], list[LoadResult]] = {}
     timings: dict[str, list[tuple[float, float]]] = {name: [] for name in batch_targets}
     with contextlib.ExitStack() as stack:
@@ -719,7 +732,7 @@ def _measure(reg: Registry, workdir: Path, seconds: int, rounds: int, log_rows: 
                 print(f"  {BATCHES_PER_ROUND} batches of {BATCH_ROWS} rows against {name}", flush=True)
                 timings[name] += time_batches(servers[name].url, batch_rows, BATCHES_PER_ROUND,
                                               warmup=3 if round_number == 1 else 0)
-        # Every answered row must be in the log: wrk's completed requests (warm-ups included, one
+        # Every answered row must be in its log: wrk's completed requests (warm-ups included, one
         # row each) and the batches (3 warm-ups included). A request still in flight when wrk stops
         # is committed but not counted by wrk, so the log may hold a few more.
         served = {t.name: sum(r.requests + r.warmup_requests for (name, _), rs in runs.items() if name == t.name
