@@ -26,7 +26,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
-from scipy import special, stats
+
+# scipy is imported where it is used: importing scipy.stats takes about half a second, which a drift
+# check spends while its window is read (docs/decisions/020-drift-check-start-up-and-ks.md).
 
 # The Wasserstein distance is computed between this many evenly spaced quantiles of each sample, so
 # a million-row window costs what a small one does; the quantiles come from the sorted samples.
@@ -131,6 +133,8 @@ def ks_pvalues(gaps: Sequence[int] | np.ndarray, n1: int, n2: int, method: str =
     Returns:
         The p-values, and the method used.
     """
+    from scipy import stats
+
     if n1 < 1 or n2 < 1:
         raise ValueError(f"both samples need at least one row, got {n1} and {n2}")
     gaps = np.asarray(gaps, dtype=np.int64)
@@ -148,6 +152,8 @@ def ks_pvalues(gaps: Sequence[int] | np.ndarray, n1: int, n2: int, method: str =
 
 def _exact_equal_sizes(h: int, n: int) -> float:
     """P(D_{n,n} >= h/n) = 2 * sum_k (-1)^(k-1) C(2n, n-kh) / C(2n, n)  (Gnedenko–Korolyuk)."""
+    from scipy import special
+
     if h <= 0:
         return 1.0
     k = np.arange(1, n // h + 1, dtype=np.float64)
@@ -165,6 +171,8 @@ def _exact_unequal_sizes(gaps: np.ndarray, n1: int, n2: int) -> np.ndarray:
     so a row's counts are the cumulative sum of the previous row's counts over that interval. Rows are
     rescaled to keep the counts finite; all features advance together.
     """
+    from scipy import special
+
     a, b = min(n1, n2), max(n1, n2)
     gaps = np.asarray(gaps, dtype=np.int64)
     j = np.arange(b + 1, dtype=np.int64)
@@ -375,6 +383,8 @@ def wasserstein_sd(reference_sorted: np.ndarray, current_sorted: np.ndarray, ref
     Computed by scipy between DISTANCE_QUANTILES evenly spaced quantiles of each sample (the
     midpoints of equal-probability bins), which is within a bin's width of the exact distance.
     """
+    from scipy import stats
+
     def quantiles(values: np.ndarray) -> np.ndarray:
         n = values.size
         positions = ((np.arange(DISTANCE_QUANTILES) + 0.5) * n / DISTANCE_QUANTILES).astype(np.int64)
