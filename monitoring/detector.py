@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -433,6 +434,9 @@ class KSDrift:
             reference, also reaches this (effect size).
         method: p-value method, 'auto', 'exact' or 'asymp'.
         dtype: the float type values are compared in (float32 halves memory for large windows).
+        workers: features scored at once, each in a thread of its own: numpy's sort and binary
+            search release the GIL, so a large window's features are sorted and compared in
+            parallel (docs/decisions/020-drift-check-start-up-and-ks.md).
 
     Raises:
         ValueError: an option is out of range, or the reference is empty or holds NaN/inf.
@@ -440,7 +444,7 @@ class KSDrift:
 
     def __init__(self, reference: np.ndarray | pd.DataFrame, *, p_val: float = 0.01, correction: str = "bonferroni",
                  features: Sequence[str] | None = None, min_window_rows: int = 1, min_ks_statistic: float = 0.0,
-                 min_distance: float = 0.0, method: str = "auto", dtype: type = np.float64):
+                 min_distance: float = 0.0, method: str = "auto", dtype: type = np.float64, workers: int = 1):
         if features is None:
             if isinstance(reference, pd.DataFrame):
                 features = list(reference.columns)
@@ -461,6 +465,9 @@ class KSDrift:
                              f"{min_distance}")
         if method not in METHODS:
             raise ValueError(f"method {method!r} is unknown; expected one of {METHODS}")
+        if int(workers) < 1:
+            raise ValueError(f"workers must be at least 1, got {workers}")
+        self.workers = int(workers)
         self.p_val = float(p_val)
         self.correction = normalise_correction(correction)
         self.min_window_rows = int(min_window_rows)
@@ -508,14 +515,23 @@ class KSDrift:
             nan = (float("nan"),) * width
             return KSScores(self.features, nan, nan, (n1,) * width, (0,) * width, ("none",) * width, nan)
         _require_finite(columns, "current window", self.features)
-        if not presorted:
-            columns.sort(axis=1)
-        gaps = np.array([ecdf_gap(values, counts, n1, cur)
-                         for (values, counts), cur in zip(self._jumps, columns, strict=True)], dtype=np.int64)
+
+        def one(k: int) -> tuple[int, float]:
+            current = columns[k]
+            if not presorted:
+                current.sort()
+            values, counts = self._jumps[k]
+            return ecdf_gap(values, counts, n1, current), wasserstein_sd(self._reference[k], current, self._sd[k])
+
+        if self.workers > 1 and width > 1:
+            with ThreadPoolExecutor(min(self.workers, width)) as pool:
+                tests = list(pool.map(one, range(width)))
+        else:
+            tests = [one(k) for k in range(width)]
+        gaps = np.array([gap for gap, _ in tests], dtype=np.int64)
+        distances = [distance for _, distance in tests]
         pvalues, used = ks_pvalues(gaps, n1, n2, self.method)
         statistics = gaps / (n1 * n2)
-        distances = [wasserstein_sd(ref, cur, sd)
-                     for ref, cur, sd in zip(self._reference, columns, self._sd, strict=True)]
         return KSScores(self.features, tuple(map(float, statistics)), tuple(map(float, pvalues)),
                         (n1,) * width, (n2,) * width, (used,) * width, tuple(distances))
 

@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 import time
 import traceback
@@ -298,7 +299,7 @@ def _check(params: DriftParams, config: DriftConfig, mlflow_client, name: str, p
                            correction=config.correction, features=config.features,
                            min_window_rows=config.min_window_rows, min_ks_statistic=config.min_ks_statistic,
                            min_distance=config.min_distance,
-                           dtype=np.float32)
+                           dtype=np.float32, workers=os.cpu_count() or 1)
         store = RequestStore(request_log, create=False)
         try:
             score_plan = _plan_score_test(store, config, reference, window, notes)
@@ -306,6 +307,8 @@ def _check(params: DriftParams, config: DriftConfig, mlflow_client, name: str, p
             raise DriftCheckError(str(exc)) from None
         finally:
             store.dispose()
+        # The detector imports scipy.stats on first use: here, while the readers may still read.
+        import scipy.stats  # noqa: F401
         current = pending.result()
     finally:
         pending.close()

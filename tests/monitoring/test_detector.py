@@ -201,6 +201,7 @@ def test_families_combine_and_are_corrected_together():
     ({"min_ks_statistic": -0.1}, "min_ks_statistic"),
     ({"min_distance": -1.0}, "min_distance"),
     ({"method": "fast"}, "method"),
+    ({"workers": 0}, "workers"),
     ({"features": ["a"]}, "expected rows of 1 features"),
 ])
 def test_invalid_options_are_refused_at_construction(kwargs, message):
@@ -238,3 +239,16 @@ def test_the_statistic_is_exact_where_the_current_sample_holds_a_reference_value
         expected = stats.ks_2samp(reference, current, method="exact")
         assert scores.statistics[0] == pytest.approx(expected.statistic, abs=1e-12), (trial, reference, current)
         assert scores.pvalues[0] == pytest.approx(expected.pvalue, rel=1e-8, abs=1e-13), (trial, reference, current)
+
+
+@pytest.mark.parametrize("presorted", [False, True])
+def test_features_scored_in_threads_give_the_scores_of_one_thread(presorted):
+    rng = np.random.default_rng(11)
+    reference = rng.normal(size=(2_000, 7))
+    current = rng.normal(size=(7, 30_000)) + np.linspace(0, 0.2, 7)[:, None]
+    current[3] = np.round(current[3], 1)  # ties
+    if presorted:
+        current.sort(axis=1)
+    one, several = (KSDrift(reference, workers=w).score_columns(current.copy(), presorted=presorted) for w in (1, 3))
+    assert several == one
+    assert np.isfinite(one.statistics).all() and len(set(one.statistics)) == 7
