@@ -277,3 +277,23 @@ def test_a_postgresql_batch_with_a_taken_request_id_stores_none_of_its_rows(post
         assert store.count() == 600
     finally:
         store.dispose()
+
+
+@pytest.mark.postgres
+def test_session_options_in_a_postgresql_url_reach_the_writer_and_the_pool(postgres_url):
+    # How docker/compose.yaml turns synchronous_commit off for the request log alone.
+    url = sa.make_url(postgres_url).update_query_dict({"options": "-c synchronous_commit=off"})
+    store = RequestStore(url.render_as_string(hide_password=False))
+    try:
+        assert store.insert_values(COLUMNS, [("a-0", *ROW)]) == 1
+        writer = store._writers.get()
+        assert writer.execute("SHOW synchronous_commit").fetchone()[0] == "off"
+        with store.engine.connect() as conn:
+            assert conn.exec_driver_sql("SHOW synchronous_commit").scalar_one() == "off"
+    finally:
+        store.dispose()
+    plain = RequestStore(postgres_url)
+    try:
+        assert plain._writers.get().execute("SHOW synchronous_commit").fetchone()[0] == "on"
+    finally:
+        plain.dispose()
