@@ -18,6 +18,12 @@ Reported per change:
 A change "hurts" when it costs more recall than the promotion gate's `max_recall_drop` tolerates
 between two models. The effect-size floor is chosen so that the check flags the changes that hurt and
 not the ones that do not (docs/decisions/015-drift-effect-size-floor.md).
+
+A second table does the same for the performance check (`monitoring.performance`, with
+`data/performance_config.json`): `--performance-windows` windows of `--performance-rows` rows of the
+`stable` traffic and of new fraud patterns, every label matured as the chargeback feed gives it (a
+fraud never reported counts as legitimate), judged against the model's figures on a hold-out of the
+reference period. On `stable` every "degraded" is a false alarm.
 """
 
 from __future__ import annotations
@@ -35,6 +41,7 @@ from common import evaluation as ev
 from common import settings
 from common.features import AmountScaler
 from common.schema import FEATURES, LABEL, SCORE
+from monitoring import performance as perf
 from monitoring.detector import KSDrift, decide
 from monitoring.drift import DriftConfig
 from training import scenarios
@@ -58,7 +65,7 @@ class Change:
 
     @property
     def label(self) -> str:
-        return f"{self.kind} {self.size:g} {self.unit}".strip()
+        return f"{self.kind} {self.size:g} {self.unit}".strip() if self.size or self.unit else self.kind
 
 
 def _population(**options) -> dict:
@@ -186,6 +193,103 @@ def measure(windows: int = 30, rows: int = 10_000, reference_rows: int = 50_000,
                        time.perf_counter() - started)
 
 
+# The performance check's traffic: stable, and new fraud patterns as in `CHANGES`.
+PERFORMANCE_TRAFFIC: tuple[Change, ...] = (
+    Change("stable", 0, "", {}),
+    *(Change("new pattern", share, "of frauds", {"pattern_month": 1, "pattern_share": share, "pattern_max": share})
+      for share in (0.2, 0.5, 0.8)),
+)
+
+
+@dataclass
+class AlarmRow:
+    traffic: Change
+    windows: int = 0
+    degraded: int = 0
+    inconclusive: int = 0
+    frauds: list[int] = field(default_factory=list)
+    recall: list[float] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class AlarmResult:
+    rows: list[AlarmRow]
+    window_rows: int
+    holdouts: list[dict]  # window k's hold-out figures
+    holdout_rows: int
+    config: perf.PerformanceConfig
+    seconds: float
+
+
+def performance_alarms(windows: int = 30, rows: int = 50_000, train_rows: int = 200_000, trees: int = 100,
+                       traffic: Sequence[Change] = PERFORMANCE_TRAFFIC, seed: int = 0,
+                       config: perf.PerformanceConfig | None = None) -> AlarmResult:
+    """How often the performance check says "degraded" on each kind of traffic; see the module docstring.
+
+    The model is trained on `train_rows` of the reference period, with its threshold chosen on its
+    out-of-bag scores. Each window is judged against hold-out figures of its own: the model's on a fresh
+    draw of a quarter as many rows of the reference period (the training's time split holds out a fifth
+    of the file), so the false-alarm rate includes the noise of the hold-out figures themselves.
+    """
+    started = time.perf_counter()
+    config = config or perf.PerformanceConfig.load(settings.performance_config_path())
+    base = scenarios.named("stable", seed=seed)
+    training = scenarios.month_frame(base, 0, train_rows)
+    scaler = AmountScaler.fit(training["Amount"].to_numpy())
+    X = scenarios.model_inputs(training, scaler)
+    y = X.pop(LABEL).to_numpy()
+    fitted = fit_forest(X, y, TrainParams(n_estimators=trees, seed=seed), say=lambda _line: None)
+    threshold = ev.choose_threshold(y, fitted.oob_proba, "f1").threshold
+    holdout_rows = max(train_rows // 4, 1)
+
+    def holdout(k: int) -> dict:
+        held = scenarios.inputs(base.with_options(seed=seed + 10_000 + k), 0, scaler, holdout_rows)
+        return ev.evaluate_scores(held[LABEL].to_numpy(), fitted.model.predict_proba(held[list(FEATURES)])[:, 1],
+                                  threshold)
+
+    holdouts = [holdout(k) for k in range(windows)]
+    out = [AlarmRow(kind) for kind in traffic]
+    for row in out:
+        scenario = scenarios.named("stable", seed=seed, months=1, **row.traffic.options)
+        for k in range(windows):
+            window = scenario.with_options(seed=seed + 1 + k)
+            frame = scenarios.month_frame(window, 1, rows)
+            p = fitted.model.predict_proba(scenarios.model_inputs(frame, scaler)[list(FEATURES)])[:, 1]
+            known = scenarios.labels(window, frame, 1)["label"].to_numpy()  # every label matured
+            served = perf.figures(known, (p >= threshold).astype(np.int64), p)
+            verdict = perf.judge(served, holdouts[k], known, p, config)
+            row.windows += 1
+            row.degraded += verdict.status == perf.DEGRADED
+            row.inconclusive += verdict.status == perf.INCONCLUSIVE
+            row.frauds.append(served["frauds"])
+            row.recall.append(served["recall"])
+    return AlarmResult(out, rows, holdouts, holdout_rows, config, time.perf_counter() - started)
+
+
+def _median(result: AlarmResult, metric: str) -> float:
+    return float(np.median([h[metric] for h in result.holdouts]))
+
+
+def format_alarms(result: AlarmResult) -> str:
+    """The performance check's table (markdown)."""
+    c = result.config
+    lines = [
+        f"performance check: windows of {result.window_rows:,} rows with every label matured, each against "
+        f"hold-out figures on {result.holdout_rows:,} other rows (median recall {_median(result, 'recall'):.3f}, "
+        f"average precision {_median(result, 'average_precision'):.3f}); margins "
+        f"{c.recall_margin:g} / {c.average_precision_margin:g} "
+        f"at alpha {c.alpha:g}, min_frauds {c.min_frauds}; {result.seconds:.0f} s",
+        "",
+        "| traffic | windows | degraded | inconclusive | known frauds (median) | realised recall (median) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for row in result.rows:
+        lines.append(
+            f"| {row.traffic.label} | {row.windows} | {row.degraded} ({row.degraded / row.windows:.0%}) | "
+            f"{row.inconclusive} | {np.median(row.frauds):.0f} | {np.nanmedian(row.recall):.3f} |")
+    return "\n".join(lines)
+
+
 def format_table(result: PowerResult) -> str:
     """The table, one change per line (markdown)."""
     floor = (f"min_distance {result.config.min_distance:g} sd" if result.config.min_distance
@@ -222,15 +326,27 @@ def main(argv: list[str] | None = None) -> int:
                         help="effect-size floor to judge with (default: the drift config's)")
     parser.add_argument("--reference-scores", "--reference_scores", dest="reference_scores", default="in-sample",
                         choices=("oob", "in-sample"))
+    parser.add_argument("--performance-windows", "--performance_windows", dest="performance_windows", type=int,
+                        default=30, help="windows per traffic kind of the performance check's table (default 30; "
+                                         "0: skip the table)")
+    parser.add_argument("--performance-rows", "--performance_rows", dest="performance_rows", type=int,
+                        default=50_000, help="rows per window of the performance check's table (default 50000)")
     args = parser.parse_args(argv)
-    if min(args.windows, args.rows, args.reference_rows, args.train_rows, args.trees) < 1:
-        parser.error("windows, rows, reference rows, train rows and trees must be positive")
+    if min(args.windows, args.rows, args.reference_rows, args.train_rows, args.trees, args.performance_rows) < 1:
+        parser.error("windows, rows, reference rows, train rows, trees and performance rows must be positive")
+    if args.performance_windows < 0:
+        parser.error("performance windows must be 0 or more")
     config = DriftConfig.load(settings.drift_config_path())
     if args.min_distance is not None:
         config = DriftConfig(**{**config.__dict__, "min_distance": args.min_distance}).validated("--min-distance")
     result = measure(args.windows, args.rows, args.reference_rows, args.train_rows, args.trees, seed=args.seed,
                      config=config, reference_scores=args.reference_scores)
-    print(format_table(result))
+    print(format_table(result), flush=True)
+    if args.performance_windows:
+        alarms = performance_alarms(args.performance_windows, args.performance_rows, args.train_rows, args.trees,
+                                    seed=args.seed)
+        print()
+        print(format_alarms(alarms))
     return 0
 
 

@@ -217,3 +217,17 @@ def test_tests_import_no_other_test_module_or_conftest_only_helpers():
                 if imp.file.startswith("tests/") and any(is_test_module(t) for t in imp.targets)]
     assert problems == [], ("tests share code through fixtures or tests/helpers, never by importing a test module "
                             "or a conftest:\n" + "\n".join(problems))
+
+
+def test_the_readme_stays_a_short_guide():
+    assert len((REPO_ROOT / "README.md").read_bytes()) < 20_000
+
+
+def test_every_relative_link_in_the_docs_resolves():
+    pages = [REPO_ROOT / "README.md", *sorted((REPO_ROOT / "docs").rglob("*.md"))]
+    broken = []
+    for page in pages:
+        for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", page.read_text()):
+            if "://" not in target and not (page.parent / target).exists():
+                broken.append(f"{page.relative_to(REPO_ROOT)} -> {target}")
+    assert not broken

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -66,6 +66,8 @@ class Split:
     train: np.ndarray
     evaluation: np.ndarray
     note: str = ""  # how the method was applied, e.g. why `arrival` fell back to `time`
+    # Positions of the rows whose labels arrived after the served model was trained (`arrival` only).
+    arrived: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.int64))
 
 
 def _location(value: str) -> str:
@@ -178,11 +180,13 @@ def split_rows(frame: pd.DataFrame, method: str, test_fraction: float, seed: int
                 evaluation = _stratified_half(new, labels, seed)
                 return Split(method, np.setdiff1d(np.arange(n), evaluation), evaluation,
                              f"evaluated on half of the {len(new)} labels ({frauds} frauds) that arrived since the "
-                             "served model was trained")
+                             "served model was trained", arrived=new)
             note = (f"{len(new)} labels ({frauds} frauds) arrived since the served model was trained; "
                     f"{2 * min_eval_frauds} frauds and a legitimate row are needed")
         time_split = split_rows(frame, "time", test_fraction, seed)
-        return Split(method, time_split.train, time_split.evaluation, f"{note}: evaluated on the newest rows")
+        arrived = new if served_trained_at is not None else np.empty(0, dtype=np.int64)
+        return Split(method, time_split.train, time_split.evaluation, f"{note}: evaluated on the newest rows",
+                     arrived=arrived)
     if method == "time":
         positions = np.arange(n)
         return Split(method, positions[: n - n_eval], positions[n - n_eval:])

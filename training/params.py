@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from common import evaluation, registry
 
 SPLITS = ("arrival", "time", "stratified")
+THRESHOLD_ROWS = ("recent", "all")
 CLASS_WEIGHTS = ("none", "balanced", "balanced_subsample")
 
 
@@ -51,6 +52,11 @@ class TrainParams:
     experiment: str = registry.TRAINING_EXPERIMENT
     threshold_method: str = "f1"
     cost_ratio: float = evaluation.DEFAULT_COST_RATIO
+    # recent: the threshold is chosen on the out-of-bag scores of the training rows whose labels arrived
+    # since the served model was trained, when they hold `min_threshold_frauds` frauds, else on every
+    # training row (docs/decisions/023-threshold-on-recent-labels.md).
+    threshold_rows: str = "recent"
+    min_threshold_frauds: int = 20
     min_train_frauds: int = 20
     min_eval_frauds: int = 10
     n_jobs: int = -1
@@ -69,6 +75,10 @@ class TrainParams:
             (self.threshold_method in evaluation.THRESHOLD_METHODS,
              f"threshold_method must be one of {evaluation.THRESHOLD_METHODS}, got {self.threshold_method!r}"),
             (self.cost_ratio > 0, f"cost_ratio must be above 0, got {self.cost_ratio}"),
+            (self.threshold_rows in THRESHOLD_ROWS,
+             f"threshold_rows must be one of {THRESHOLD_ROWS}, got {self.threshold_rows!r}"),
+            (self.min_threshold_frauds >= 1,
+             f"min_threshold_frauds must be at least 1, got {self.min_threshold_frauds}"),
             (self.min_train_frauds >= 1, f"min_train_frauds must be at least 1, got {self.min_train_frauds}"),
             (self.min_eval_frauds >= 1, f"min_eval_frauds must be at least 1, got {self.min_eval_frauds}"),
             (self.experiment.strip() != "", "experiment must not be empty"),

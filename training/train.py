@@ -31,6 +31,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 from common import registry, settings
 from common.evaluation import choose_threshold, evaluate_scores
 from common.model import OnnxParityError
@@ -138,14 +140,35 @@ def _fit_and_measure(params: TrainParams, data: LabelledData, split: Split, arti
     say(f"fitting {params.n_estimators} trees on {len(split.train)} rows")
     forest = fit_forest(X_train, y_train, params, say)
     registration.write_data_artifacts(artifacts, data, split, params.seed)
-    choice = choose_threshold(y_train, forest.oob_proba, params.threshold_method, params.cost_ratio)
-    say(f"threshold {choice.threshold:.4f} by {choice.description}")
+    rows, which = threshold_rows(params, split, y_train)
+    choice = choose_threshold(y_train[rows], forest.oob_proba[rows], params.threshold_method, params.cost_ratio)
+    say(f"threshold {choice.threshold:.4f} by {choice.description}, on {which}")
     say(f"evaluating on {len(split.evaluation)} held-out rows")
     eval_proba = forest.model.predict_proba(data.features(split.evaluation))[:, 1]
     evaluation = evaluate_scores(data.labels(split.evaluation), eval_proba, choice.threshold)
     say("evaluation: " + ", ".join(f"{k}={evaluation[k]:.4g}" for k in
                                    ("average_precision", "roc_auc", "precision", "recall", "f1")))
     return Candidate(params, data, split, forest, choice, eval_proba, evaluation)
+
+
+def threshold_rows(params: TrainParams, split: Split, y_train: np.ndarray) -> tuple[np.ndarray, str]:
+    """Which training rows choose the threshold (a boolean mask over `split.train`), and a description.
+
+    With `threshold_rows="recent"`, the rows whose labels arrived since the served model was trained,
+    when they hold at least `min_threshold_frauds` frauds: the threshold then fits the traffic the
+    model will serve, in which a new fraud pattern may score lower than the old ones. Otherwise every
+    training row.
+    """
+    everything = np.ones(len(split.train), dtype=bool)
+    if params.threshold_rows != "recent" or not len(split.arrived):
+        return everything, f"all {len(split.train)} training rows"
+    recent = np.isin(split.train, split.arrived)
+    frauds = int(y_train[recent].sum())
+    if frauds < params.min_threshold_frauds or frauds == int(recent.sum()):
+        return everything, (f"all {len(split.train)} training rows (the {int(recent.sum())} that arrived since the "
+                            f"served model was trained hold {frauds} frauds; {params.min_threshold_frauds} needed)")
+    return recent, (f"the {int(recent.sum())} training rows ({frauds} frauds) whose labels arrived since the served "
+                    "model was trained")
 
 
 def _progress(progress: Callable[[str], None] | None, started: float) -> Callable[[str], None]:
@@ -176,6 +199,9 @@ def build_parser() -> argparse.ArgumentParser:
         "model_name": "registered model name (default: MODEL_NAME, fraud-detector)",
         "threshold_method": "f1: max F1; cost: min cost_ratio x missed frauds + false alarms",
         "cost_ratio": "cost of a missed fraud in false alarms (threshold_method=cost)",
+        "threshold_rows": "recent: choose the threshold on the training rows whose labels arrived since the served "
+                          "model was trained (when they hold min_threshold_frauds frauds); all: on every training row",
+        "min_threshold_frauds": "frauds the recent rows need to choose the threshold (threshold_rows=recent)",
         "min_train_frauds": "refuse when the training part has fewer frauds",
         "min_eval_frauds": "refuse when the evaluation part has fewer frauds",
     }

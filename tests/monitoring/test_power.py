@@ -29,7 +29,7 @@ def table() -> dict[str, power.Row]:
 
 @pytest.mark.slow
 def test_no_change_raises_no_alarm(table):
-    none = table["none 0"]
+    none = table["none"]
     assert none.flagged_floor <= 1 and none.flagged_p <= 1
     assert none.delta("recall") == 0
 
@@ -61,5 +61,26 @@ def test_a_new_fraud_pattern_hurts_recall_but_the_input_checks_hardly_see_it(tab
 
 @pytest.mark.slow
 def test_detection_grows_with_the_size_of_the_shift(table):
-    sizes = [table[label].flagged_p for label in ("none 0", "V14 0.05 sd", "V14 0.2 sd")]
+    sizes = [table[label].flagged_p for label in ("none", "V14 0.05 sd", "V14 0.2 sd")]
     assert sizes == sorted(sizes)
+
+
+@pytest.fixture(scope="module")
+def alarms() -> dict[str, power.AlarmRow]:
+    traffic = (power.Change("stable", 0, ""),
+               power.Change("new pattern", 0.8, "of frauds",
+                            {"pattern_month": 1, "pattern_share": 0.8, "pattern_max": 0.8}))
+    result = power.performance_alarms(windows=3, rows=25_000, train_rows=60_000, trees=20, traffic=traffic)
+    return {row.traffic.label: row for row in result.rows}
+
+
+@pytest.mark.slow
+def test_the_performance_check_raises_no_alarm_on_stable_traffic(alarms):
+    stable = alarms["stable"]
+    assert stable.windows == 3 and stable.inconclusive == 0  # enough matured frauds to judge
+    assert stable.degraded == 0
+
+
+@pytest.mark.slow
+def test_the_performance_check_sees_the_new_fraud_pattern_the_input_checks_miss(alarms):
+    assert alarms["new pattern 0.8 of frauds"].degraded == 3

@@ -434,3 +434,38 @@ def test_arrival_split_falls_back_to_the_newest_rows_without_a_served_model_or_e
     for trained_at, why in ((None, "no served model"), (500.0, "15 frauds) arrived")):
         split = split_rows(frame, "arrival", 0.2, seed=0, served_trained_at=trained_at, min_eval_frauds=10)
         assert list(split.evaluation) == list(range(960, 1200)) and why in split.note
+
+
+# --- the rows that choose the threshold -----------------------------------------------------------------
+
+
+def test_the_threshold_is_chosen_on_the_training_rows_whose_labels_arrived_since_the_served_model():
+    frame = _arrival_frame(n_old=800, n_new=400, new_frauds=60)
+    split = split_rows(frame, "arrival", 0.2, seed=0, served_trained_at=500.0, min_eval_frauds=10)
+    y_train = frame[LABEL].to_numpy()[split.train]
+    rows, which = tr.threshold_rows(tr.TrainParams(), split, y_train)
+    assert set(split.train[rows]) == set(np.arange(800, 1200)) - set(split.evaluation)
+    assert y_train[rows].sum() == 30 and "arrived since the served model" in which
+    # Everywhere else, and when asked, every training row chooses it.
+    assert tr.threshold_rows(tr.TrainParams(threshold_rows="all"), split, y_train)[0].all()
+    few = tr.threshold_rows(tr.TrainParams(min_threshold_frauds=31), split, y_train)
+    assert few[0].all() and "30 frauds; 31 needed" in few[1]
+    time_split = split_rows(frame, "arrival", 0.2, seed=0, served_trained_at=None)
+    assert tr.threshold_rows(tr.TrainParams(), time_split, frame[LABEL].to_numpy()[time_split.train])[0].all()
+
+
+def test_a_new_fraud_pattern_that_scores_low_lowers_the_threshold_chosen_on_recent_rows():
+    """Old frauds score 0.9, the new pattern's 0.4, and one legitimate row in twenty 0.45: over every
+    training row the old frauds decide and the threshold stays above the new pattern; on the recent
+    rows it goes below."""
+    frame = _arrival_frame(n_old=800, n_new=400, new_frauds=60)
+    split = split_rows(frame, "arrival", 0.2, seed=0, served_trained_at=500.0, min_eval_frauds=10)
+    y = frame[LABEL].to_numpy()
+    position = np.arange(len(y))
+    legit = np.where(position % 20 == 0, 0.45, 0.05)
+    oob = np.where(y == 1, np.where(position < 800, 0.9, 0.4), legit)[split.train]
+    chosen = {}
+    for which in ("all", "recent"):
+        rows, _ = tr.threshold_rows(tr.TrainParams(threshold_rows=which), split, y[split.train])
+        chosen[which] = tr.choose_threshold(y[split.train][rows], oob[rows], "f1").threshold
+    assert chosen["recent"] <= 0.4 < chosen["all"]
