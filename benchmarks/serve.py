@@ -33,8 +33,8 @@ between a training and the gate's decision:
 - a 1,000-row /predict, on the SQLite and the PostgreSQL log: server time (the app's Server-Timing
   header) and round trip, median of 30 requests, 10 after each round's load.
 
-Every answered row must be in the request log, and on the default target every row must carry the
-challenger's score.
+Every answered row must be in the request log, and carry the challenger's score, on the default
+target and the PostgreSQL ones.
 
 The models are trained for the run (generated data, `training.train` defaults, seeds 0 and 1)
 in a temporary registry under .bench/, removed afterwards. `python -m benchmarks serve` or `make bench`.
