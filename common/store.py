@@ -56,6 +56,10 @@ requests_table = sa.Table(
 # Columns added after the table's first release: `create_schema` adds them to a table that lacks them.
 ADDED_COLUMNS = ("shadow_score", "shadow_decision", "shadow_version")
 
+# The binary COPY format's type of each column type of the table (psycopg's names for PostgreSQL's types).
+_POSTGRESQL_BINARY_TYPES = {sa.BigInteger: "int8", sa.Integer: "int4", sa.SmallInteger: "int2", sa.Float: "float8",
+                            sa.String: "text"}
+
 # SQLite request-log batches go in as multi-row INSERT statements of at most this many rows (fewer
 # if the library's limit on bound values requires), which cost less CPU than executemany's one step
 # per row: see docs/decisions/008-multi-row-insert-statements.md.
@@ -104,8 +108,8 @@ class RequestStore:
         # Only insert_values (the request log's hot path) hands its checkpoints to the thread.
         self._checkpointer = (Checkpointer(sqlite_file, self._write_lock, self._detached_connection) if on_disk
                               else None)
-        # insert_values' statements by (columns, rows per statement), built once each.
-        self._insert_sql: dict[tuple[tuple[str, ...], int], str] = {}
+        # insert_values' statements by (columns, rows per statement or "copy"), built once each.
+        self._insert_sql: dict[tuple[tuple[str, ...], int | str], str] = {}
         self._writers = ThreadConnections(self._detached_connection, self._prepare_writer)
         if self.engine.dialect.name == "sqlite":
             sa.event.listen(self.engine, "connect", apply_pragmas)
@@ -259,8 +263,10 @@ class RequestStore:
 
         Same contract as `insert_rows`, at a fraction of its cost: the statements are built once per
         column list, and each thread writes through its own driver connection (no pool checkout,
-        no statement compilation), straight to the driver: multi-row INSERT statements on SQLite,
-        executemany on PostgreSQL. A connection that fails is dropped and the retry opens a new one.
+        no statement compilation), straight to the driver: multi-row INSERT statements on SQLite;
+        on PostgreSQL one autocommit statement, so one round trip and one transaction, an INSERT for
+        a single row and a binary COPY for more. A connection that fails is dropped and the retry
+        opens a new one.
 
         Args:
             columns: `requests` column names, in the order of each row's values.
@@ -312,11 +318,11 @@ class RequestStore:
                     try:
                         if self.dialect == "sqlite":
                             self._execute_in_chunks(cursor, key, rows)
-                        else:  # psycopg pipelines executemany itself
-                            cursor.executemany(sql, rows.tolist() if isinstance(rows, np.ndarray) else rows)
+                        else:
+                            self._write_postgresql(cursor, key, rows)
                     finally:
                         cursor.close()
-                    conn.commit()
+                    conn.commit()  # ends _execute_in_chunks' BEGIN; nothing to do after a lone statement
             except BaseException as exc:
                 self._writers.drop()  # the next attempt, or write, starts on a fresh connection
                 if not isinstance(exc, dbapi.Error):
@@ -374,6 +380,30 @@ class RequestStore:
                            chunk.ravel().tolist() if array else list(itertools.chain.from_iterable(chunk)))
             start += size
 
+    def _write_postgresql(self, cursor, key: tuple[str, ...], rows: list | np.ndarray) -> None:
+        """Insert rows on PostgreSQL as one statement on the autocommit writer connection (see
+        `_prepare_writer`), which is then its own transaction: one round trip, and no BEGIN or
+        COMMIT for the server to run (docs/decisions/018-postgresql-single-row-statement.md). A
+        single row goes in as an INSERT, which psycopg prepares on the connection once it has run a
+        few times; more rows as one binary COPY, the statement PostgreSQL loads rows fastest with
+        (docs/decisions/019-postgresql-copy-and-synchronous-commit.md). A COPY, like any statement,
+        stores all its rows or none, and a duplicate request_id fails it as it fails an INSERT."""
+        values = rows.tolist() if isinstance(rows, np.ndarray) else rows
+        if len(values) == 1:
+            cursor.execute(self._insert_statement(key, 1), values[0])
+            return
+        with cursor.copy(self._copy_statement(key)) as copy:
+            copy.set_types([_POSTGRESQL_BINARY_TYPES[type(requests_table.c[name].type)] for name in key])
+            for row in values:
+                copy.write_row(row)
+
+    def _copy_statement(self, key: tuple[str, ...]) -> str:
+        sql = self._insert_sql.get((key, "copy"))
+        if sql is None:
+            names = ", ".join(self.engine.dialect.identifier_preparer.quote(c) for c in key)
+            sql = self._insert_sql[(key, "copy")] = f"COPY requests ({names}) FROM STDIN (FORMAT BINARY)"
+        return sql
+
     def _insert_statement(self, key: tuple[str, ...], rows: int) -> str:
         sql = self._insert_sql.get((key, rows))
         if sql is None:
@@ -387,6 +417,8 @@ class RequestStore:
             # implicit BEGIN, the INSERT, COMMIT); _execute_in_chunks opens a transaction itself
             # when it needs several statements.
             conn.isolation_level = None
+        elif self.dialect == "postgresql":
+            conn.autocommit = True  # each write is one statement: see _write_postgresql
         if self._checkpointer is not None:
             self._checkpointer.take_over(conn)
 

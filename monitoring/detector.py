@@ -22,11 +22,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
-from scipy import special, stats
+
+# scipy is imported where it is used: importing scipy.stats takes about half a second, which a drift
+# check spends while its window is read (docs/decisions/020-drift-check-start-up-and-ks.md).
 
 # The Wasserstein distance is computed between this many evenly spaced quantiles of each sample, so
 # a million-row window costs what a small one does; the quantiles come from the sorted samples.
@@ -84,12 +87,20 @@ def ecdf_gap(reference_values: np.ndarray, reference_counts: np.ndarray, n1: int
 
     Between two consecutive reference jump points the reference ECDF is constant and the current
     ECDF only grows, so |F_ref - F_cur| peaks at an end of the interval: at a jump point (current
-    count `<=` it) or just before it (current count `<` it). Two binary searches of the reference's
-    jump points in the current sample cover every candidate, ties included, in O(n1 log n2).
+    count `<=` it) or just before it (current count `<` it). A binary search of the reference's
+    jump points in the current sample gives the counts `<=`; the counts `<` differ from them only
+    at a jump point the current sample also holds (a tie), so a second search runs for those
+    points alone (docs/decisions/020-drift-check-start-up-and-ks.md). O(n1 log n2), ties included.
     """
     n2 = current_sorted.size
-    right = np.searchsorted(current_sorted, reference_values, side="right").astype(np.int64)
-    left = np.searchsorted(current_sorted, reference_values, side="left").astype(np.int64)
+    right = np.searchsorted(current_sorted, reference_values, side="right")
+    # A tie at a jump point: the largest current value <= it is the point itself.
+    tied = (np.flatnonzero(current_sorted[np.maximum(right - 1, 0)] == reference_values) if n2
+            else np.empty(0, dtype=np.intp))
+    left = right.copy()
+    if tied.size:
+        left[tied] = np.searchsorted(current_sorted, reference_values[tied], side="left")
+    right, left = right.astype(np.int64), left.astype(np.int64)
     before = np.concatenate(([0], reference_counts[:-1]))
     at_points = np.abs(reference_counts * n2 - right * n1).max()
     before_points = np.abs(before * n2 - left * n1).max()
@@ -123,6 +134,8 @@ def ks_pvalues(gaps: Sequence[int] | np.ndarray, n1: int, n2: int, method: str =
     Returns:
         The p-values, and the method used.
     """
+    from scipy import stats
+
     if n1 < 1 or n2 < 1:
         raise ValueError(f"both samples need at least one row, got {n1} and {n2}")
     gaps = np.asarray(gaps, dtype=np.int64)
@@ -140,6 +153,8 @@ def ks_pvalues(gaps: Sequence[int] | np.ndarray, n1: int, n2: int, method: str =
 
 def _exact_equal_sizes(h: int, n: int) -> float:
     """P(D_{n,n} >= h/n) = 2 * sum_k (-1)^(k-1) C(2n, n-kh) / C(2n, n)  (Gnedenko–Korolyuk)."""
+    from scipy import special
+
     if h <= 0:
         return 1.0
     k = np.arange(1, n // h + 1, dtype=np.float64)
@@ -157,6 +172,8 @@ def _exact_unequal_sizes(gaps: np.ndarray, n1: int, n2: int) -> np.ndarray:
     so a row's counts are the cumulative sum of the previous row's counts over that interval. Rows are
     rescaled to keep the counts finite; all features advance together.
     """
+    from scipy import special
+
     a, b = min(n1, n2), max(n1, n2)
     gaps = np.asarray(gaps, dtype=np.int64)
     j = np.arange(b + 1, dtype=np.int64)
@@ -367,6 +384,8 @@ def wasserstein_sd(reference_sorted: np.ndarray, current_sorted: np.ndarray, ref
     Computed by scipy between DISTANCE_QUANTILES evenly spaced quantiles of each sample (the
     midpoints of equal-probability bins), which is within a bin's width of the exact distance.
     """
+    from scipy import stats
+
     def quantiles(values: np.ndarray) -> np.ndarray:
         n = values.size
         positions = ((np.arange(DISTANCE_QUANTILES) + 0.5) * n / DISTANCE_QUANTILES).astype(np.int64)
@@ -415,6 +434,9 @@ class KSDrift:
             reference, also reaches this (effect size).
         method: p-value method, 'auto', 'exact' or 'asymp'.
         dtype: the float type values are compared in (float32 halves memory for large windows).
+        workers: features scored at once, each in a thread of its own: numpy's sort and binary
+            search release the GIL, so a large window's features are sorted and compared in
+            parallel (docs/decisions/020-drift-check-start-up-and-ks.md).
 
     Raises:
         ValueError: an option is out of range, or the reference is empty or holds NaN/inf.
@@ -422,7 +444,7 @@ class KSDrift:
 
     def __init__(self, reference: np.ndarray | pd.DataFrame, *, p_val: float = 0.01, correction: str = "bonferroni",
                  features: Sequence[str] | None = None, min_window_rows: int = 1, min_ks_statistic: float = 0.0,
-                 min_distance: float = 0.0, method: str = "auto", dtype: type = np.float64):
+                 min_distance: float = 0.0, method: str = "auto", dtype: type = np.float64, workers: int = 1):
         if features is None:
             if isinstance(reference, pd.DataFrame):
                 features = list(reference.columns)
@@ -443,6 +465,9 @@ class KSDrift:
                              f"{min_distance}")
         if method not in METHODS:
             raise ValueError(f"method {method!r} is unknown; expected one of {METHODS}")
+        if int(workers) < 1:
+            raise ValueError(f"workers must be at least 1, got {workers}")
+        self.workers = int(workers)
         self.p_val = float(p_val)
         self.correction = normalise_correction(correction)
         self.min_window_rows = int(min_window_rows)
@@ -490,14 +515,23 @@ class KSDrift:
             nan = (float("nan"),) * width
             return KSScores(self.features, nan, nan, (n1,) * width, (0,) * width, ("none",) * width, nan)
         _require_finite(columns, "current window", self.features)
-        if not presorted:
-            columns.sort(axis=1)
-        gaps = np.array([ecdf_gap(values, counts, n1, cur)
-                         for (values, counts), cur in zip(self._jumps, columns, strict=True)], dtype=np.int64)
+
+        def one(k: int) -> tuple[int, float]:
+            current = columns[k]
+            if not presorted:
+                current.sort()
+            values, counts = self._jumps[k]
+            return ecdf_gap(values, counts, n1, current), wasserstein_sd(self._reference[k], current, self._sd[k])
+
+        if self.workers > 1 and width > 1:
+            with ThreadPoolExecutor(min(self.workers, width)) as pool:
+                tests = list(pool.map(one, range(width)))
+        else:
+            tests = [one(k) for k in range(width)]
+        gaps = np.array([gap for gap, _ in tests], dtype=np.int64)
+        distances = [distance for _, distance in tests]
         pvalues, used = ks_pvalues(gaps, n1, n2, self.method)
         statistics = gaps / (n1 * n2)
-        distances = [wasserstein_sd(ref, cur, sd)
-                     for ref, cur, sd in zip(self._reference, columns, self._sd, strict=True)]
         return KSScores(self.features, tuple(map(float, statistics)), tuple(map(float, pvalues)),
                         (n1,) * width, (n2,) * width, (used,) * width, tuple(distances))
 

@@ -37,6 +37,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 import time
 import traceback
@@ -46,15 +47,26 @@ from pathlib import Path
 
 import numpy as np
 
-from common import registry, settings
+from common import settings
 from common.schema import FEATURES, SCORE
 from common.store import RequestStore, StoreUnavailable, describe
 from common.text import cli_bool, first_line, parse_bool
 from monitoring import report as html_report
 from monitoring.detector import DRIFT, INCONCLUSIVE, NO_DRIFT, DriftReport, KSDrift, normalise_correction
 from monitoring.reference import KINDS, ReferenceError, load_reference
-from monitoring.runs import log, start_run
-from monitoring.window import Window, WindowReadError, iso, parse_since, read_window, start_reading
+from monitoring.window import (
+    PendingWindow,
+    Window,
+    WindowReadError,
+    iso,
+    needs_production,
+    parse_since,
+    read_window,
+    start_reading,
+)
+
+# MLflow (common.registry, monitoring.runs) is imported once the window is being read: its import
+# takes over a second, which the forked readers spend reading (docs/decisions/020-drift-check-start-up-and-ks.md).
 
 EXIT_NO_DRIFT = 0
 EXIT_ERROR = 1
@@ -228,26 +240,42 @@ def check_drift(params: DriftParams) -> DriftResult:
     """
     started = time.perf_counter()
     output_dir = Path(params.output_dir)
+    pending: PendingWindow | None = None
     try:
         if params.reference not in KINDS:
             raise DriftConfigError(f"--reference {params.reference!r} is unknown; expected one of {KINDS}")
         config = _configured(params)
-        uri = params.tracking_uri or settings.tracking_uri()
-        mlflow_client = registry.client(uri)
-        name = params.model_name or settings.model_name()
         request_log = params.request_log or settings.request_log_url()
         if "://" not in request_log and not Path(request_log).is_file():
             raise DriftCheckError(f"request log {request_log} does not exist (LATEST_DB): no traffic has been logged")
+        # The score column comes along when the score test may run.
+        columns = [*config.features, *([SCORE] if config.test_score else [])]
+        # The window is read in the background (by forked readers when large) while MLflow is
+        # imported, the registry asked, the reference loaded and the detector built. Only a window
+        # that starts at the promotion waits for the registry.
+        if not needs_production(params.since):
+            window = resolve_window(params.window, params.since, config, None)
+            pending = start_reading(request_log, columns, window)
+        from common import registry
+        from monitoring.runs import start_run
+
+        uri = params.tracking_uri or settings.tracking_uri()
+        mlflow_client = registry.client(uri)
+        name = params.model_name or settings.model_name()
         production = registry.production_version(mlflow_client, name)
-        window = resolve_window(params.window, params.since, config, production)
+        if pending is None:
+            window = resolve_window(params.window, params.since, config, production)
+            pending = start_reading(request_log, columns, window)
         run_id = start_run(mlflow_client, registry.DRIFT_EXPERIMENT, f"drift · {window.description} · running",
                            {"production_version": str(production.version) if production else "none"}, uri)
     except BaseException as exc:
+        if pending is not None:
+            pending.close()
         write_error_result(output_dir, first_line(exc, 1000))
         raise
     try:
         result = _check(params, config, mlflow_client, name, production, window, request_log, run_id, output_dir,
-                        started)
+                        started, pending)
     except BaseException as exc:
         _record_failure(mlflow_client, run_id, output_dir, exc)
         raise
@@ -256,16 +284,14 @@ def check_drift(params: DriftParams) -> DriftResult:
 
 
 def _check(params: DriftParams, config: DriftConfig, mlflow_client, name: str, production, window: Window,
-           request_log: str, run_id: str, output_dir: Path, started: float) -> DriftResult:
+           request_log: str, run_id: str, output_dir: Path, started: float, pending: PendingWindow) -> DriftResult:
+    from monitoring.runs import log
+
     def load_bundle():
         from common.model import load_bundle as load
 
         return load(mlflow_client, name, production.version)
 
-    # The window is read in the background (by forked readers when large) while the reference is
-    # loaded and the detector built. The score column comes along when the score test may run.
-    columns = [*config.features, *([SCORE] if config.test_score else [])]
-    pending = start_reading(request_log, columns, window)
     try:
         reference, notes = load_reference(params.reference, mlflow_client=mlflow_client, production=production,
                                           load=load_bundle if config.test_score else None,
@@ -275,7 +301,7 @@ def _check(params: DriftParams, config: DriftConfig, mlflow_client, name: str, p
                            correction=config.correction, features=config.features,
                            min_window_rows=config.min_window_rows, min_ks_statistic=config.min_ks_statistic,
                            min_distance=config.min_distance,
-                           dtype=np.float32)
+                           dtype=np.float32, workers=os.cpu_count() or 1)
         store = RequestStore(request_log, create=False)
         try:
             score_plan = _plan_score_test(store, config, reference, window, notes)
@@ -283,6 +309,8 @@ def _check(params: DriftParams, config: DriftConfig, mlflow_client, name: str, p
             raise DriftCheckError(str(exc)) from None
         finally:
             store.dispose()
+        # The detector imports scipy.stats on first use: here, while the readers may still read.
+        import scipy.stats  # noqa: F401
         current = pending.result()
     finally:
         pending.close()
@@ -509,7 +537,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("  largest KS statistics: " + ", ".join(
             f"{t}={report.feature_statistics[t]:.4f} (p={report.feature_pvalues[t]:.3g}, "
             f"{report.feature_distances[t]:.3f} sd)" for t in top))
-    print(f"  MLflow run {result.run_id} (experiment {registry.DRIFT_EXPERIMENT}); wrote {result.result_path} and "
+    from common.registry import DRIFT_EXPERIMENT
+
+    print(f"  MLflow run {result.run_id} (experiment {DRIFT_EXPERIMENT}); wrote {result.result_path} and "
           f"{result.report_path} in {result.summary['seconds']:.1f}s")
     return EXIT_NO_DRIFT if args.exit_zero else result.exit_code
 

@@ -30,8 +30,11 @@ def _quantiles(sorted_values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return sorted_values[positions].astype(np.float64), (positions + 1) / n
 
 
-def _ecdf_at(sorted_values: np.ndarray, x: float) -> float:
-    return float(np.searchsorted(sorted_values, x, side="right")) / sorted_values.size if sorted_values.size else 0.0
+def _ecdf_at(sorted_values: np.ndarray, xs: np.ndarray) -> np.ndarray:
+    """A sorted sample's ECDF at each of `xs`, in one binary search per point (zeros for no sample)."""
+    if not sorted_values.size:
+        return np.zeros(len(xs))
+    return np.searchsorted(sorted_values, xs, side="right") / sorted_values.size
 
 
 def ecdf_svg(name: str, reference: np.ndarray, current: np.ndarray, statistic: float | None, pvalue: float | None,
@@ -68,9 +71,9 @@ def ecdf_svg(name: str, reference: np.ndarray, current: np.ndarray, statistic: f
     if reference.size and current.size:
         # Where the curves are furthest apart, among the plotted quantile points.
         grid = np.concatenate([_quantiles(reference)[0], _quantiles(current)[0]])
-        gaps = [abs(_ecdf_at(reference, x) - _ecdf_at(current, x)) for x in grid]
-        x = float(grid[int(np.argmax(gaps))])
-        y1, y2 = _ecdf_at(reference, x), _ecdf_at(current, x)
+        on_reference, on_current = _ecdf_at(reference, grid), _ecdf_at(current, grid)
+        at = int(np.argmax(np.abs(on_reference - on_current)))
+        x, y1, y2 = float(grid[at]), float(on_reference[at]), float(on_current[at])
         parts.append(f'<line x1="{sx(x):.1f}" y1="{sy(y1):.1f}" x2="{sx(x):.1f}" y2="{sy(y2):.1f}" '
                      'stroke="#b00020" stroke-width="2"/>')
     title = html.escape(name) + (" — DRIFT" if drifted else "")

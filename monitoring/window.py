@@ -16,7 +16,6 @@ from datetime import UTC, datetime
 import numpy as np
 
 from common.store import RequestStore, StoreUnavailable
-from monitoring.runs import promoted_at
 
 PARALLEL_MIN_ROWS = 200_000
 MAX_READERS = 4
@@ -35,6 +34,11 @@ class Window:
     description: str
 
 
+def needs_production(since: str | None) -> bool:
+    """Whether `--since` names the Production version's promotion, which only the registry knows."""
+    return since is not None and since.strip().lower() == "promotion"
+
+
 def parse_since(value: str | None, production) -> tuple[float | None, str]:
     """(epoch seconds or None, description) for `--since`: an epoch time, an ISO-8601 time, or
     `promotion` (when the Production version was promoted).
@@ -45,7 +49,11 @@ def parse_since(value: str | None, production) -> tuple[float | None, str]:
     if value is None or value.strip() == "":
         return None, ""
     text = value.strip()
-    if text.lower() == "promotion":
+    if needs_production(text):
+        # MLflow only here: a drift check starts reading its window before it imports MLflow
+        # (docs/decisions/020-drift-check-start-up-and-ks.md).
+        from monitoring.runs import promoted_at
+
         if production is None:
             raise ValueError("--since promotion needs a Production model, and there is none")
         ts = promoted_at(production)

@@ -9,6 +9,7 @@ import threading
 import time
 from collections.abc import Callable
 
+import numpy as np
 import pytest
 import sqlalchemy as sa
 from sqlalchemy.schema import CreateIndex, CreateTable
@@ -228,3 +229,71 @@ def test_a_first_attempt_that_meets_its_request_id_taken_is_a_constraint_violati
             store.insert_values(COLUMNS, [("r-0", *ROW)], retries=2, backoff=0.01)
     finally:
         store.dispose()
+
+
+# --- PostgreSQL writes -------------------------------------------------------------------------------
+
+
+def _request_log_rows(n: int, seed: int = 7) -> list[tuple]:
+    """Rows of service.request_log.COLUMNS with every kind of value: NULLs, integers, text, floats."""
+    rng = np.random.default_rng(seed)
+    features = rng.normal(size=(n, len(FEATURES)))
+    return [(f"r-{i}", 1.5 + i, *features[i], None if i % 2 else 10.0 * i, i / n, i % 2, 0.5, "fraud-detector", "3",
+             None if i % 3 else i / (2 * n), None if i % 3 else 1, None if i % 3 else "4") for i in range(n)]
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("as_array", [False, True], ids=["tuples", "an object array"])
+def test_a_postgresql_batch_lands_value_for_value_in_one_statement(postgres_url, as_array):
+    from service.request_log import COLUMNS as LOG_COLUMNS
+
+    store = RequestStore(postgres_url)
+    statements = _count_events(store.engine, "before_cursor_execute")  # none through the pool: the writer's own
+    try:
+        rows = _request_log_rows(1000)
+        assert store.insert_values(LOG_COLUMNS, np.array(rows, dtype=object) if as_array else rows) == 1000
+        assert store.insert_values(LOG_COLUMNS, [("one-0", *rows[0][1:])]) == 1
+        assert statements[0] == 0
+        frame = store.read_frame(LOG_COLUMNS)
+    finally:
+        store.dispose()
+    stored = [tuple(None if isinstance(v, float) and np.isnan(v) else v for v in row)
+              for row in frame.astype(object).itertuples(index=False, name=None)]
+    assert stored == [*rows, ("one-0", *rows[0][1:])]
+
+
+@pytest.mark.postgres
+def test_a_postgresql_batch_with_a_taken_request_id_stores_none_of_its_rows(postgres_url):
+    from service.request_log import COLUMNS as LOG_COLUMNS
+
+    store = RequestStore(postgres_url)
+    try:
+        rows = _request_log_rows(600)
+        assert store.insert_values(LOG_COLUMNS, rows[300:301]) == 1
+        with pytest.raises(sa.exc.IntegrityError, match="duplicate key"):
+            store.insert_values(LOG_COLUMNS, rows, retries=2, backoff=0.01)
+        assert store.count() == 1
+        assert store.insert_values(LOG_COLUMNS, rows[:300] + rows[301:]) == 599  # and the writer goes on
+        assert store.count() == 600
+    finally:
+        store.dispose()
+
+
+@pytest.mark.postgres
+def test_session_options_in_a_postgresql_url_reach_the_writer_and_the_pool(postgres_url):
+    # How docker/compose.yaml turns synchronous_commit off for the request log alone.
+    url = sa.make_url(postgres_url).update_query_dict({"options": "-c synchronous_commit=off"})
+    store = RequestStore(url.render_as_string(hide_password=False))
+    try:
+        assert store.insert_values(COLUMNS, [("a-0", *ROW)]) == 1
+        writer = store._writers.get()
+        assert writer.execute("SHOW synchronous_commit").fetchone()[0] == "off"
+        with store.engine.connect() as conn:
+            assert conn.exec_driver_sql("SHOW synchronous_commit").scalar_one() == "off"
+    finally:
+        store.dispose()
+    plain = RequestStore(postgres_url)
+    try:
+        assert plain._writers.get().execute("SHOW synchronous_commit").fetchone()[0] == "on"
+    finally:
+        plain.dispose()

@@ -12,6 +12,7 @@ import json
 from pathlib import Path
 
 import pytest
+import sqlalchemy as sa
 import yaml
 
 from common.paths import REPO_ROOT
@@ -154,6 +155,15 @@ def test_compose_runs_mlflow_on_postgresql_with_proxied_artifacts(compose):
     assert compose["services"]["api"]["environment"]["LATEST_DB"].startswith("postgresql://")
     init = (DOCKER / "postgres" / "init-databases.sh").read_text()
     assert "CREATE DATABASE requests;" in init
+
+
+def test_only_the_request_logs_sessions_commit_without_waiting_for_the_disk(compose):
+    # docs/decisions/019-postgresql-copy-and-synchronous-commit.md: the trade is the request log's alone.
+    api = compose["services"]["api"]["environment"]
+    assert sa.make_url(api["LATEST_DB"]).query == {"options": "-c synchronous_commit=off"}
+    assert not sa.make_url(api["REFERENCE_DB"]).query
+    assert "synchronous_commit" not in compose["services"]["mlflow"]["environment"]["MLFLOW_BACKEND_STORE_URI"]
+    assert "synchronous_commit" not in (DOCKER / "postgres" / "init-databases.sh").read_text()
 
 
 def test_the_file_says_it_needs_compose_v2_because_it_uses_what_v1_refuses(compose):

@@ -78,6 +78,12 @@ def query(base: str, promql: str) -> list[dict]:
     return answer["data"]["result"]
 
 
+def challenger_version(base: str) -> str | None:
+    """The version a worker of the service shadow-scores with (None without a challenger)."""
+    challenger = requests.get(f"{base}/version", timeout=5).json()["challenger"]
+    return None if challenger is None else str(challenger["model_version"])
+
+
 def scrapes(base: str) -> float:
     """How many scrapes of the service Prometheus has stored (0 before the first)."""
     result = query(base, 'count_over_time(up{job="fraud-api"}[10m])')
@@ -97,7 +103,7 @@ def test_every_dashboard_query_returns_data_from_a_real_prometheus_scraping_the_
         tmp_path, serving_registry, scoring_rows):
     prometheus, promtool = tool("prometheus"), tool("promtool")
     queries = dashboard_queries()
-    assert len(queries) >= 14, queries
+    assert len(queries) >= 22, queries
 
     token_file = tmp_path / "api_token"
     token_file.write_text(TOKEN + "\n")
@@ -109,6 +115,8 @@ def test_every_dashboard_query_returns_data_from_a_real_prometheus_scraping_the_
     base, auth = f"http://127.0.0.1:{port}", {"Authorization": f"Bearer {TOKEN}"}
     try:
         wait_until(service, lambda: requests.get(f"{base}/ready", timeout=5).status_code == 200, "a loaded model")
+        # The shadow panels need a challenger scoring the traffic: the registry's Staging version 2.
+        wait_until(service, lambda: challenger_version(base) == serving_registry.v2.version, "a loaded challenger")
 
         # The shipped config, only its target and token path changed, is valid.
         checked = tmp_path / "prometheus.yml"
@@ -130,7 +138,8 @@ def test_every_dashboard_query_returns_data_from_a_real_prometheus_scraping_the_
             assert up["value"][1] == "1", f"Prometheus cannot scrape the service with the token: {targets}"
 
             # Traffic over several scrapes, so that every rate() sees the counters move: both decisions,
-            # both scoring endpoints, and refused requests for the error panel.
+            # both scoring endpoints, refused requests for the error panel, and the challenger's shadow
+            # scores (on every scored row) for the shadow panels.
             first = scrapes(prom)
             while scrapes(prom) < first + 4:
                 for start_row in range(0, len(scoring_rows), 10):

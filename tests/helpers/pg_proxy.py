@@ -1,11 +1,13 @@
-"""A TCP proxy on loopback in front of the test PostgreSQL that can lose a COMMIT's acknowledgement.
+"""A TCP proxy on loopback in front of the test PostgreSQL that can lose a commit's acknowledgement.
 
-It forwards bytes both ways and reads the client's side as PostgreSQL's wire protocol (version 3)
-messages. Once armed, it lets the next COMMIT through to the server, waits for the server's answer
-(which the server sends only once the transaction is committed), and then closes both sides of
-that connection instead of passing the answer on: the client's COMMIT fails with a lost
-connection although the rows are in the table. Every other connection, and every connection after
-the cut, is forwarded untouched.
+It forwards bytes both ways and reads the server's side as PostgreSQL's wire protocol (version 3)
+messages. Once armed, it waits for the next transaction to commit: a statement that wrote (its
+CommandComplete tag is INSERT, COPY, UPDATE, DELETE or COMMIT) followed by ReadyForQuery with the
+status "idle", which the server sends only once the transaction is committed, whether it ended
+with a COMMIT or was a lone statement in autocommit mode. Instead of passing that answer on, it
+closes both sides of the connection: the client's statement fails with a lost connection although
+the rows are in the table. Every other connection, and every connection after the cut, is
+forwarded untouched.
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ import sqlalchemy as sa
 
 # Requests a client may send before its startup message; the server answers each with one byte.
 _SSL_REQUEST, _GSSENC_REQUEST = 80877103, 80877104
+# CommandComplete tags of statements that write, or commit what was written.
+_WRITES = {b"INSERT", b"COPY", b"UPDATE", b"DELETE", b"COMMIT"}
 
 
 class CommitAckCutter:
@@ -32,7 +36,6 @@ class CommitAckCutter:
         self._armed = False
         self._after_cut: Callable[[], None] | None = None
         self.cut = threading.Event()
-        self.commits_seen = 0
         self._sockets: list[socket.socket] = []
         self._accepting = threading.Thread(target=self._accept, name="pg-proxy", daemon=True)
 
@@ -54,8 +57,8 @@ class CommitAckCutter:
         return url.render_as_string(hide_password=False)
 
     def lose_next_commit_ack(self, after_cut: Callable[[], None] | None = None) -> None:
-        """Cut the connection of the next COMMIT once the server has answered it; then run `after_cut`
-        (before the client sees the connection close)."""
+        """Cut the connection of the next transaction that commits once the server has answered it;
+        then run `after_cut` (before the client sees the connection close)."""
         with self._lock:
             self._armed, self._after_cut = True, after_cut
             self.cut.clear()
@@ -75,7 +78,7 @@ class CommitAckCutter:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             with self._lock:
                 self._sockets += [client, server]
-            state = {"cut_pending": False, "after_cut": None}
+            state = {"one_byte_answers": 0}
             threading.Thread(target=self._client_to_server, args=(client, server, state), daemon=True).start()
             threading.Thread(target=self._server_to_client, args=(server, client, state), daemon=True).start()
 
@@ -84,21 +87,18 @@ class CommitAckCutter:
             while True:  # the startup phase: messages without a type byte
                 length = struct.unpack("!I", _read(client, 4))[0]
                 body = _read(client, length - 4)
+                request = struct.unpack("!I", body[:4])[0]
+                if request in (_SSL_REQUEST, _GSSENC_REQUEST):
+                    with self._lock:
+                        state["one_byte_answers"] += 1  # before it goes on, so the answer cannot come first
                 server.sendall(struct.pack("!I", length) + body)
-                if struct.unpack("!I", body[:4])[0] not in (_SSL_REQUEST, _GSSENC_REQUEST):
+                if request not in (_SSL_REQUEST, _GSSENC_REQUEST):
                     break
             while True:
-                kind = _read(client, 1)
-                length = struct.unpack("!I", _read(client, 4))[0]
-                body = _read(client, length - 4)
-                if self._is_commit(kind, body):
-                    with self._lock:
-                        self.commits_seen += 1
-                        if self._armed:
-                            # Before the COMMIT goes on, so that its answer cannot slip through.
-                            self._armed = False
-                            state["cut_pending"], state["after_cut"] = True, self._after_cut
-                server.sendall(kind + struct.pack("!I", length) + body)
+                data = client.recv(65536)
+                if not data:
+                    break
+                server.sendall(data)
         except OSError:
             pass
         finally:
@@ -106,33 +106,43 @@ class CommitAckCutter:
             _close(server)
 
     def _server_to_client(self, server: socket.socket, client: socket.socket, state: dict) -> None:
+        held: list[bytes] = []  # a write's answer, from its CommandComplete to the next ReadyForQuery
         try:
             while True:
-                data = server.recv(65536)
-                if not data:
-                    break
-                if state["cut_pending"]:
-                    # The server answered the COMMIT: the transaction is committed. Drop the answer.
-                    if state["after_cut"] is not None:
-                        state["after_cut"]()
-                    self.cut.set()
-                    break
-                client.sendall(data)
+                with self._lock:
+                    answers, state["one_byte_answers"] = state["one_byte_answers"], 0
+                for _ in range(answers):  # an SSL or GSS encryption request's answer: one byte, no framing
+                    client.sendall(_read(server, 1))
+                kind = _read(server, 1)
+                length = struct.unpack("!I", _read(server, 4))[0]
+                message = kind + struct.pack("!I", length) + _read(server, length - 4)
+                if not held and not (kind == b"C" and self._armed and _tag(message) in _WRITES):
+                    client.sendall(message)
+                    continue
+                held.append(message)
+                if kind != b"Z":
+                    continue
+                if message[5:6] == b"I":  # idle: the write is committed (T: a transaction is still open)
+                    with self._lock:
+                        cut, self._armed = self._armed, False
+                        after_cut = self._after_cut
+                    if cut:
+                        if after_cut is not None:
+                            after_cut()
+                        self.cut.set()
+                        break  # the answer is dropped, and the connection closed
+                client.sendall(b"".join(held))
+                held = []
         except OSError:
             pass
         finally:
             _close(client)
             _close(server)
 
-    @staticmethod
-    def _is_commit(kind: bytes, body: bytes) -> bool:
-        if kind == b"Q":  # simple query: the SQL, NUL-terminated
-            sql = body
-        elif kind == b"P":  # Parse: statement name, NUL, the SQL, NUL, ...
-            sql = body.split(b"\0", 1)[1] if b"\0" in body else b""
-        else:
-            return False
-        return sql.lstrip().upper().startswith((b"COMMIT", b"END"))
+
+def _tag(message: bytes) -> bytes:
+    """The command of a CommandComplete message's tag, e.g. INSERT of "INSERT 0 1"."""
+    return message[5:].split(b"\0")[0].split(b" ")[0]
 
 
 def _read(sock: socket.socket, n: int) -> bytes:

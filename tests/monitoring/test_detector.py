@@ -201,6 +201,7 @@ def test_families_combine_and_are_corrected_together():
     ({"min_ks_statistic": -0.1}, "min_ks_statistic"),
     ({"min_distance": -1.0}, "min_distance"),
     ({"method": "fast"}, "method"),
+    ({"workers": 0}, "workers"),
     ({"features": ["a"]}, "expected rows of 1 features"),
 ])
 def test_invalid_options_are_refused_at_construction(kwargs, message):
@@ -218,3 +219,36 @@ def test_reference_and_window_with_nan_are_refused_naming_the_feature():
         KSDrift(reference, features=["a", "b"]).score(bad)
     with pytest.raises(ValueError, match="no rows"):
         KSDrift(np.empty((0, 2)))
+
+
+def test_the_statistic_is_exact_where_the_current_sample_holds_a_reference_value_and_nowhere_else():
+    # Just before 5 the reference ECDF is 1/4 and the current one 0; at 5 both are 1: D = 1/4. Taking
+    # the current count at 5 for "just before 5" too would give 3/4.
+    assert KSDrift(np.array([[0.0], [5.0], [5.0], [5.0]])).score(np.array([[5.0]])).statistics[0] == 0.25
+    rng = np.random.default_rng(3)
+    for trial in range(300):
+        n1, n2 = rng.integers(1, 60, size=2)
+        reference = rng.normal(size=n1)
+        current = rng.normal(size=n2) + rng.choice([0.0, 0.5])
+        if trial % 3 == 0:  # many ties, within and across the samples
+            reference, current = np.round(reference, 0), np.round(current, 0)
+        elif trial % 3 == 1:  # some current values are reference values, the rest are not
+            taken = rng.random(n2) < 0.5
+            current[taken] = rng.choice(reference, size=int(taken.sum()))
+        scores = KSDrift(reference[:, None], method="exact").score(current[:, None])
+        expected = stats.ks_2samp(reference, current, method="exact")
+        assert scores.statistics[0] == pytest.approx(expected.statistic, abs=1e-12), (trial, reference, current)
+        assert scores.pvalues[0] == pytest.approx(expected.pvalue, rel=1e-8, abs=1e-13), (trial, reference, current)
+
+
+@pytest.mark.parametrize("presorted", [False, True])
+def test_features_scored_in_threads_give_the_scores_of_one_thread(presorted):
+    rng = np.random.default_rng(11)
+    reference = rng.normal(size=(2_000, 7))
+    current = rng.normal(size=(7, 30_000)) + np.linspace(0, 0.2, 7)[:, None]
+    current[3] = np.round(current[3], 1)  # ties
+    if presorted:
+        current.sort(axis=1)
+    one, several = (KSDrift(reference, workers=w).score_columns(current.copy(), presorted=presorted) for w in (1, 3))
+    assert several == one
+    assert np.isfinite(one.statistics).all() and len(set(one.statistics)) == 7

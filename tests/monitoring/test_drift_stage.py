@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 import json
+import multiprocessing
+import subprocess
+import sys
 import time
 
 import numpy as np
 import pytest
 
 from common import registry
+from common.paths import REPO_ROOT
 from common.schema import FEATURES
 from monitoring import drift
 from monitoring.reference import write_reference_file
+from monitoring.runs import PROMOTED_AT_TAG
 from tests.helpers.request_log import write_requests
 
 
@@ -168,6 +173,50 @@ def test_a_check_that_fails_after_its_run_started_is_a_failed_run_named_so(drift
 def test_since_promotion_without_production_is_a_usage_error(drift_env, drift_world):
     write_requests(drift_env["log"], drift_world.batch(600, 0, seed=13))
     assert drift.main(["--since", "promotion", "--output-dir", str(drift_env["out"])]) == drift.EXIT_USAGE
+
+
+def test_since_promotion_keeps_only_rows_logged_after_the_production_versions_promotion(
+        drift_env, drift_world, make_mlflow_store, use_env, tmp_path):
+    # The one window that waits for the registry before it is read (docs/decisions/020-drift-check-start-up-and-ks.md).
+    store = make_mlflow_store()
+    use_env(store.env())
+    client = store.client()
+    client.create_registered_model("fraud-detector")
+    source = tmp_path / "model"
+    source.mkdir()
+    version = client.create_model_version("fraud-detector", str(source)).version
+    registry.move_to_stage(client, "fraud-detector", version, "Production")
+    now = time.time()
+    client.set_model_version_tag("fraud-detector", version, PROMOTED_AT_TAG, str(now - 1800))
+    write_requests(drift_env["log"], drift_world.batch(1_000, 4, seed=5), ts=now - 7200 + np.arange(1_000),
+                   prefix="old")
+    write_requests(drift_env["log"], drift_world.batch(1_000, 0, seed=6), ts=now - 600 + np.arange(1_000) / 10,
+                   prefix="new")
+    code = drift.main(["--window", "0", "--since", "promotion", "--reference", "db",
+                       "--output-dir", str(drift_env["out"])])
+    assert code == drift.EXIT_NO_DRIFT
+    result = _result(drift_env["out"])
+    assert result["window"]["rows"] == 1_000 and result["window"]["since_ts"] == pytest.approx(now - 1800)
+
+
+def test_the_check_starts_without_mlflow_or_scipy_so_its_readers_fork_before_those_imports():
+    # Together over a second and a half of a check's start-up (docs/decisions/020-drift-check-start-up-and-ks.md).
+    code = "import sys, monitoring.drift; print(sorted({'mlflow', 'scipy.stats'} & set(sys.modules)))"
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120,
+                          check=True)
+    assert done.stdout.strip() == "[]"
+
+
+def test_a_check_that_fails_after_its_window_started_reading_leaves_no_reader_behind(drift_env, drift_world,
+                                                                                    use_env, tmp_path):
+    write_requests(drift_env["log"], drift_world.batch(1_000, 0, seed=14))
+    broken = tmp_path / "tracking.db"
+    broken.write_text("not a database")
+    use_env({"MLFLOW_TRACKING_URI": f"sqlite:///{broken}"})
+    # --window 0 (no row limit): the window is read by forked readers, started before the registry is asked.
+    assert drift.main(["--window", "0", "--output-dir", str(drift_env["out"])]) == drift.EXIT_ERROR
+    assert multiprocessing.active_children() == []
+    assert _result(drift_env["out"])["status"] == "error"
 
 
 def test_fdr_correction_and_p_val_override_are_logged(drift_env, drift_world):
