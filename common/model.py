@@ -324,6 +324,11 @@ class ModelBundle:
 
 
 _ONE_ROW = (1, N_FEATURES)
+# One scikit-learn load at a time in a process. Loading parses Python source (ast), and CPython 3.11
+# can fail two parses that run at once in different threads with "AST constructor recursion depth
+# mismatch" (CPython gh-106905), as the champion's and the challenger's watchers did in one test
+# process. Loads are rare, so the lock costs nothing that matters.
+_SKLEARN_LOAD_LOCK = threading.Lock()
 _MODEL_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<ref>[^/]+))/?$")
 
 
@@ -404,7 +409,8 @@ def load_bundle(mlflow_client, name: str, version: str | int, *, flavor: str = "
         _check_signature(label, mlmodel)
         threshold = _threshold(label, mv.tags, meta)
         try:
-            forest = mlflow.sklearn.load_model(local)
+            with _SKLEARN_LOAD_LOCK:
+                forest = mlflow.sklearn.load_model(local)
         except Exception as exc:
             raise ModelLoadError(f"{label}: the scikit-learn model cannot be loaded: {first_line(exc)}") from None
         _check_forest(label, forest)

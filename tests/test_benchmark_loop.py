@@ -9,7 +9,8 @@ from benchmarks import loop
 from common import registry
 from training import scenarios
 
-MONTHS = 3
+MONTHS = 2
+ROWS = 5_000
 
 
 @pytest.fixture(scope="module")
@@ -17,10 +18,10 @@ def replayed(tmp_path_factory):
     root = tmp_path_factory.mktemp("replay")
     # Frauds at 2 %, 60 % of them a new pattern from month 1, reported 5-20 days later: by the end of
     # month 1 most of its labels are in, so the loop can learn the pattern and serve it from month 2.
-    scenario = scenarios.named("new-pattern", months=MONTHS, rows=6_000, fraud_rate=2.0, pattern_month=1,
+    scenario = scenarios.named("new-pattern", months=MONTHS, rows=ROWS, fraud_rate=2.0, pattern_month=1,
                                pattern_share=0.6, pattern_max=0.6, delay_min_days=5, delay_max_days=20,
                                maturity_days=20, unreported=0.0)
-    params = loop.ReplayParams(scenario, ("static", "loop"), reference_rows=20_000, workdir=root / "work")
+    params = loop.ReplayParams(scenario, ("static", "loop"), reference_rows=15_000, workdir=root / "work")
     results_store = f"sqlite:///{root / 'results.db'}"
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("MLFLOW_TRACKING_URI", results_store)
@@ -56,7 +57,7 @@ def test_every_month_is_logged_with_its_step_and_the_chart_beside_it(replayed):
     experiment = client.get_experiment_by_name(loop.EXPERIMENT)
     runs = client.search_runs([experiment.experiment_id])
     assert sorted(r.data.tags["policy"] for r in runs) == ["loop", "static"]
-    assert sorted(r.info.run_name for r in runs) == [f"replay · new-pattern · {policy} · {MONTHS} × 6,000"
+    assert sorted(r.info.run_name for r in runs) == [f"replay · new-pattern · {policy} · {MONTHS} × {ROWS:,}"
                                                      for policy in ("loop", "static")]
     for run in runs:
         for metric in ("recall", "precision", "average_precision", "fraud_dollars_caught", "version_served"):
