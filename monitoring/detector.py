@@ -28,8 +28,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-# scipy is imported where it is used: importing scipy.stats takes about half a second, which a drift
-# check spends while its window is read (docs/decisions/020-drift-check-start-up-and-ks.md).
+# scipy is imported where it is used, so that a drift check imports it while its window is read
+# rather than before the read starts (docs/decisions/020-drift-check-start-up-and-ks.md).
 
 # The Wasserstein distance is computed between this many evenly spaced quantiles of each sample, so
 # a million-row window costs what a small one does; the quantiles come from the sorted samples.

@@ -65,8 +65,8 @@ from monitoring.window import (
     start_reading,
 )
 
-# MLflow (common.registry, monitoring.runs) is imported once the window is being read: its import
-# takes over a second, which the forked readers spend reading (docs/decisions/020-drift-check-start-up-and-ks.md).
+# MLflow (common.registry, monitoring.runs) is imported once the window is being read, so that the
+# forked readers read while it loads (docs/decisions/020-drift-check-start-up-and-ks.md).
 
 EXIT_NO_DRIFT = 0
 EXIT_ERROR = 1

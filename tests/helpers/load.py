@@ -2,10 +2,10 @@
 
 `Load` runs client threads, each with its own requests.Session (so its connection is kept alive, as
 real clients' are), and records every request as an `Outcome`; with `refusals`, every other request
-is one the service refuses (a `Refusal`: a bad token, a body too large, ...). `reconcile` compares the
-rows the clients were told were scored with the rows the request log holds; its `Ledger` checks the promise
-every reliability scenario makes: a row reported as scored is in the log, and the log holds no row
-that no answer accounts for.
+is one the service refuses (a `Refusal`: a bad token, a body too large, ...). `reconcile` compares
+the rows the clients were told were scored with the rows the request log holds; its `Ledger` checks
+the promise every reliability scenario makes: a row reported as scored is in the log, and the log
+holds no row that no answer accounts for.
 """
 
 from __future__ import annotations

@@ -200,7 +200,7 @@ def test_since_promotion_keeps_only_rows_logged_after_the_production_versions_pr
 
 
 def test_the_check_starts_without_mlflow_or_scipy_so_its_readers_fork_before_those_imports():
-    # Together over a second and a half of a check's start-up (docs/decisions/020-drift-check-start-up-and-ks.md).
+    # Both used to load before the read started (docs/decisions/020-drift-check-start-up-and-ks.md).
     code = "import sys, monitoring.drift; print(sorted({'mlflow', 'scipy.stats'} & set(sys.modules)))"
     done = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120,
                           check=True)

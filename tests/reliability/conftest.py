@@ -101,7 +101,7 @@ def serve(serving_registry, tmp_path, request) -> Iterator[Callable[..., Service
 
 @pytest.fixture(scope="module")
 def shared_service(serving_registry, tmp_path_factory) -> Iterator[Service]:
-    """One gunicorn for the scenarios that only send requests (auth, hostile input, fuzzing), with
+    """One gunicorn for the scenarios that only send requests (auth, refusals, hostile input, fuzzing), with
     one worker: the memory measured is that of the worker that received every hostile input."""
     service = start_service(serving_registry, tmp_path_factory.mktemp("shared-service"), name="shared", workers=1)
     yield service

@@ -188,7 +188,7 @@ def test_clients_that_keep_their_connections_through_refusals_lose_no_request(sh
     monkeypatch.delenv("KEEPALIVE_REQUESTS", raising=False)
     per_connection = settings.keepalive_requests()  # the service's default: it closes a connection after these
     # A first row, so that the log's table exists whatever ran before on the shared service.
-    first = requests.post(f"{service.url}/predict", json={"data": [ROW]}, headers=AUTH, timeout=30)
+    first = service.http.post(f"{service.url}/predict", json={"data": [ROW]}, headers=AUTH, timeout=30)
     assert first.status_code == 200, first.text
     bodies_before, logged_before = unread_bodies(service), service.logged_ids()
     with Load(service.url, sample_rows, clients=size.clients, seconds=size.seconds, refusals=REFUSALS) as load:
