@@ -1,7 +1,8 @@
 """Drift check over 1,000,000 logged rows x 29 features in a SQLite request log.
 
-Goal: <= 10 s wall and <= 1 GB peak RSS for `python -m monitoring.drift --window 1000000`, measured as
-a fresh process (interpreter start and imports included) against:
+Goal: <= 8 s wall (issue 22's 10 s, with the margin it asks for on this 2-core host) and <= 1 GB peak
+RSS for `python -m monitoring.drift --window 1000000`, measured as a fresh process (interpreter start
+and imports included) against:
 
 - `file`: the steady state after a promotion: the drift reference file with 50,000 training rows
   and the Production model's scores on them (so the score test runs too);
@@ -38,7 +39,7 @@ CACHE = REPO_ROOT / ".bench" / "drift"
 LOG_ROWS = 1_000_000
 REFERENCE_DB_ROWS = 284_807
 REFERENCE_FILE_ROWS = 50_000
-GOAL_SECONDS = 10.0
+GOAL_SECONDS = 8.0
 GOAL_RSS_MB = 1024.0
 MODEL_VERSION = "1"
 
