@@ -86,7 +86,8 @@ bench: $(STAMP) wrk
 # and fuzzing); pytest prints one table of the scenarios at the end. Everything runs on loopback; a
 # few minutes on 2 cores. RELIABILITY_ARGS come last and win, e.g. RELIABILITY_ARGS="--clients 8 --seconds 10"
 # (the options are in tests/reliability/conftest.py; --registry-restart adds a minute or two).
-RELIABILITY_SIZE := --clients 16 --seconds 20 --kills 3 --repeats 6 --examples 50 --fuzz-phases examples,coverage,fuzzing
+# Two scenarios at a time, one per core: at this size three at once starve the clients' threads.
+RELIABILITY_SIZE := --numprocesses=2 --clients 16 --seconds 20 --kills 3 --repeats 6 --examples 50 --fuzz-phases examples,coverage,fuzzing
 reliability: $(STAMP)
 	$(PY) -m pytest tests/reliability $(RELIABILITY_SIZE) $(RELIABILITY_ARGS)
 
