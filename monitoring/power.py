@@ -36,6 +36,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
+import pandas as pd
 
 from common import evaluation as ev
 from common import settings
@@ -45,7 +46,7 @@ from monitoring import performance as perf
 from monitoring.detector import KSDrift, decide
 from monitoring.drift import DriftConfig
 from training import scenarios
-from training.forest import fit_forest
+from training.forest import FittedForest, fit_forest
 from training.params import TrainParams
 
 ORIGINAL_P = 0.01  # the original service: drift when any feature's p-value is below this, uncorrected
@@ -116,6 +117,25 @@ class PowerResult:
         return row.delta("recall") < -self.max_recall_drop
 
 
+@dataclass(frozen=True)
+class _Reference:
+    scaler: AmountScaler
+    X: pd.DataFrame  # the training rows' FEATURES
+    fitted: FittedForest
+    threshold: float
+
+
+def _reference_model(seed: int, train_rows: int, trees: int) -> _Reference:
+    """The default forest trained on `train_rows` of the `stable` reference period, its threshold chosen
+    on its out-of-bag scores by F1, as training chooses it."""
+    training = scenarios.month_frame(scenarios.named("stable", seed=seed), 0, train_rows)
+    scaler = AmountScaler.fit(training["Amount"].to_numpy())
+    X = scenarios.model_inputs(training, scaler)
+    y = X.pop(LABEL).to_numpy()
+    fitted = fit_forest(X, y, TrainParams(n_estimators=trees, seed=seed), say=lambda _line: None)
+    return _Reference(scaler, X, fitted, ev.choose_threshold(y, fitted.oob_proba, "f1").threshold)
+
+
 def measure(windows: int = 30, rows: int = 10_000, reference_rows: int = 50_000, train_rows: int = 200_000,
             trees: int = 100, changes: Sequence[Change] = CHANGES, seed: int = 0, config: DriftConfig | None = None,
             reference_scores: str = "in-sample", max_recall_drop: float | None = None) -> PowerResult:
@@ -140,14 +160,8 @@ def measure(windows: int = 30, rows: int = 10_000, reference_rows: int = 50_000,
     config = config or DriftConfig.load(settings.drift_config_path())
     if max_recall_drop is None:
         max_recall_drop = GateConfig.load(settings.promotion_config_path()).max_recall_drop
-    base = scenarios.named("stable", seed=seed)
-    training = scenarios.month_frame(base, 0, train_rows)
-    scaler = AmountScaler.fit(training["Amount"].to_numpy())
-    X = scenarios.model_inputs(training, scaler)
-    y = X.pop(LABEL).to_numpy()
-    fitted = fit_forest(X, y, TrainParams(n_estimators=trees, seed=seed), say=lambda _line: None)
-    model, oob = fitted.model, fitted.oob_proba
-    threshold = ev.choose_threshold(y, oob, "f1").threshold
+    base, ref = scenarios.named("stable", seed=seed), _reference_model(seed, train_rows, trees)
+    scaler, X, model, oob, threshold = ref.scaler, ref.X, ref.fitted.model, ref.fitted.oob_proba, ref.threshold
     sample = np.random.default_rng(seed).choice(len(X), size=min(reference_rows, len(X)), replace=False)
     reference = X.iloc[np.sort(sample)]
     if reference_scores == "oob":
@@ -233,13 +247,8 @@ def performance_alarms(windows: int = 30, rows: int = 50_000, train_rows: int = 
     """
     started = time.perf_counter()
     config = config or perf.PerformanceConfig.load(settings.performance_config_path())
-    base = scenarios.named("stable", seed=seed)
-    training = scenarios.month_frame(base, 0, train_rows)
-    scaler = AmountScaler.fit(training["Amount"].to_numpy())
-    X = scenarios.model_inputs(training, scaler)
-    y = X.pop(LABEL).to_numpy()
-    fitted = fit_forest(X, y, TrainParams(n_estimators=trees, seed=seed), say=lambda _line: None)
-    threshold = ev.choose_threshold(y, fitted.oob_proba, "f1").threshold
+    base, ref = scenarios.named("stable", seed=seed), _reference_model(seed, train_rows, trees)
+    scaler, fitted, threshold = ref.scaler, ref.fitted, ref.threshold
     holdout_rows = max(train_rows // 4, 1)
 
     def holdout(k: int) -> dict:
