@@ -58,6 +58,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from unittest import mock
 
 import orjson
 
@@ -152,22 +153,14 @@ def prepare_registry(workdir: Path, rows: int, trees: int) -> Registry:
     tracking_uri = f"sqlite:///{workdir / 'mlflow.db'}"
     generate(rows=rows, seed=0, out=csv)
     import_csv(csv, str(db), feature_config)
-    saved = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_ARTIFACT_ROOT", "FEATURE_CONFIG",
-                                            "REFERENCE_DB")}
-    os.environ.update({"MLFLOW_TRACKING_URI": tracking_uri, "MLFLOW_ARTIFACT_ROOT": str(workdir / "mlruns"),
-                       "FEATURE_CONFIG": str(feature_config), "REFERENCE_DB": str(db)})
-    try:
+    with mock.patch.dict(os.environ, {"MLFLOW_TRACKING_URI": tracking_uri,
+                                      "MLFLOW_ARTIFACT_ROOT": str(workdir / "mlruns"),
+                                      "FEATURE_CONFIG": str(feature_config), "REFERENCE_DB": str(db)}):
         result = train(TrainParams(data=str(db), requests="none", n_estimators=trees, model_name=MODEL_NAME),
                        progress=lambda _line: None)
         registry.move_to_stage(registry.client(tracking_uri), MODEL_NAME, result.version, "Production")
         challenger = train(TrainParams(data=str(db), requests="none", n_estimators=trees, model_name=MODEL_NAME,
                                        seed=1), progress=lambda _line: None)
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
     store = RequestStore(str(db), create=False)
     row = store.read_frame(FEATURES, last_n=1).iloc[0].tolist()
     store.dispose()

@@ -39,6 +39,7 @@ import urllib.request
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from unittest import mock
 
 from common.paths import REPO_ROOT
 
@@ -67,20 +68,6 @@ class Filled:
     champion: str
 
 
-@contextlib.contextmanager
-def _environment(values: dict[str, str]) -> Iterator[None]:
-    saved = {key: os.environ.get(key) for key in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-
-
 def fill_store(root: Path, say) -> Filled:
     """Run the project's stages against a store under `root`; see the module docstring."""
     import numpy as np
@@ -102,7 +89,7 @@ def fill_store(root: Path, say) -> Filled:
            "LATEST_DB": str(root / "requests.db"), "DRIFT_REFERENCE": str(root / "drift_reference.parquet"),
            "MODEL_NAME": MODEL_NAME, "MLFLOW_DISABLE_TELEMETRY": "true"}
     quiet = contextlib.redirect_stdout(io.StringIO())
-    with _environment(env):
+    with mock.patch.dict(os.environ, env):  # the project reads its settings at call time
         os.environ.pop("MLFLOW_RUN_ID", None)
         say(f"generating {REFERENCE_ROWS:,} reference rows")
         generate(rows=REFERENCE_ROWS, seed=0, out=root / "creditcard.csv", fraud_rate=FRAUD_RATE)
