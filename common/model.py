@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
 import re
 import tempfile
@@ -57,6 +58,8 @@ PARITY_TOLERANCE = 1e-5
 THRESHOLD_TAG = "threshold"
 THRESHOLD_METHOD_TAG = "threshold_method"
 FLAVORS = ("auto", "onnx", "sklearn")
+
+log = logging.getLogger(__name__)
 
 # Runtime requirements of the logged model, pinned to what trained it. Given explicitly so that
 # logging does not load the model in a subprocess to infer them.
@@ -221,7 +224,7 @@ def probe_rows(n: int = 512) -> np.ndarray:
 
 
 class _OnnxScorer:
-    """Thread-safe scoring through an ONNX session; single rows reuse a per-thread float32 buffer."""
+    """Thread-safe scoring through an ONNX session; single rows go through a per-thread I/O binding."""
 
     def __init__(self, session):
         inputs = session.get_inputs()
@@ -238,6 +241,7 @@ class _OnnxScorer:
         self._input = inputs[0].name
         self._outputs = [ONNX_OUTPUT]
         self._local = threading.local()
+        self.bound = self._binding_agrees()
 
     def __call__(self, X: np.ndarray) -> np.ndarray:
         probabilities = self._session.run(self._outputs, {self._input: np.ascontiguousarray(X, dtype=np.float32)})[0]
@@ -248,13 +252,55 @@ class _OnnxScorer:
         return np.minimum(np.maximum(fraud, 0.0, out=fraud), 1.0, out=fraud)
 
     def one(self, X: np.ndarray) -> float:
-        """The value `self(X)[0]` for a (1, N_FEATURES) X, as a Python float, clamped in Python."""
-        buffer = getattr(self._local, "row", None)
-        if buffer is None:
-            buffer = self._local.row = np.empty((1, N_FEATURES), dtype=np.float32)
-        buffer[...] = X
-        p = self._session.run(self._outputs, {self._input: buffer})[0].item(1)
+        """The value `self(X)[0]` for a (1, N_FEATURES) X, as a Python float, clamped in Python.
+
+        The row is copied into this thread's input buffer and the session writes into this thread's
+        output buffer, both bound once, so a request allocates no ONNX Runtime value
+        (docs/decisions/007-single-row-fast-path.md).
+        """
+        local = self._local
+        try:
+            binding, row, out = local.binding
+        except AttributeError:
+            binding, row, out = local.binding = self._bind(self.bound)
+        row[...] = X
+        if binding is None:
+            p = self._session.run(self._outputs, {self._input: row})[0].item(1)
+        else:
+            self._session.run_with_iobinding(binding)
+            p = out.item(1)
         return 0.0 if p < 0.0 else 1.0 if p > 1.0 else p
+
+    def _bind(self, bound: bool):
+        """(binding, input row, output) for the calling thread; binding None: plain `run` with the row."""
+        row = np.empty((1, N_FEATURES), dtype=np.float32)
+        out = np.empty((1, 2), dtype=np.float32)
+        if not bound:
+            return None, row, out
+        binding = self._session.io_binding()
+        binding.bind_input(self._input, "cpu", 0, np.float32, list(row.shape), row.ctypes.data)
+        binding.bind_output(ONNX_OUTPUT, "cpu", 0, np.float32, list(out.shape), out.ctypes.data)
+        return binding, row, out
+
+    def _binding_agrees(self) -> bool:
+        """Whether the bound path gives the plain path's probabilities on a few rows.
+
+        A model whose output is not (1, 2) float32, or an ONNX Runtime whose binding behaves
+        otherwise, falls back to `run`, which is slower but has no such assumption.
+        """
+        probe = probe_rows(8).astype(np.float32)
+        try:
+            binding, row, out = self._bind(True)
+            bound = []
+            for x in probe:
+                row[...] = x
+                self._session.run_with_iobinding(binding)
+                bound.append(out.item(1))
+        except Exception:  # any failure means: do not bind
+            log.warning("the ONNX session cannot score through an I/O binding; single rows use run()", exc_info=True)
+            return False
+        plain = self._session.run(self._outputs, {self._input: probe})[0][:, 1]
+        return bool(np.array_equal(np.asarray(bound, dtype=np.float32), plain))
 
 
 class _SklearnScorer:

@@ -75,30 +75,46 @@ def test_single_rows_score_like_the_batch_and_like_scikit_learn(trained_model, f
         assert bundle.parity_max_abs_diff <= 1e-5
 
 
-def test_onnx_probabilities_just_outside_0_and_1_are_clamped_for_single_rows_and_batches():
-    """ONNX Runtime sums the trees' votes in float32, so a probability can come out as 1.0000001.
-    A real session of a one-node model (its `probabilities` are the first two features) shows
-    that both scoring paths clamp."""
+def slice_scorer(columns: int = 2):
+    """A real ONNX session of a one-node model whose `probabilities` are the first `columns` features."""
     import onnx
     from onnx import TensorProto, helper
 
     from common.model import N_FEATURES, ONNX_INPUT, ONNX_OUTPUT, _OnnxScorer, onnx_session
 
     starts, ends, axes = (helper.make_tensor(n, TensorProto.INT64, [1], [v]) for n, v in
-                          (("starts", 0), ("ends", 2), ("axes", 1)))
+                          (("starts", 0), ("ends", columns), ("axes", 1)))
     graph = helper.make_graph(
-        [helper.make_node("Slice", [ONNX_INPUT, "starts", "ends", "axes"], [ONNX_OUTPUT])], "first-two",
+        [helper.make_node("Slice", [ONNX_INPUT, "starts", "ends", "axes"], [ONNX_OUTPUT])], "first-columns",
         [helper.make_tensor_value_info(ONNX_INPUT, TensorProto.FLOAT, [None, N_FEATURES])],
-        [helper.make_tensor_value_info(ONNX_OUTPUT, TensorProto.FLOAT, [None, 2])], [starts, ends, axes])
+        [helper.make_tensor_value_info(ONNX_OUTPUT, TensorProto.FLOAT, [None, columns])], [starts, ends, axes])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
     onnx.checker.check_model(model)
-    scorer = _OnnxScorer(onnx_session(model.SerializeToString()))
+    return _OnnxScorer(onnx_session(model.SerializeToString()))
+
+
+def test_onnx_probabilities_just_outside_0_and_1_are_clamped_for_single_rows_and_batches():
+    """ONNX Runtime sums the trees' votes in float32, so a probability can come out as 1.0000001.
+    Both scoring paths clamp."""
+    from common.model import N_FEATURES
+
+    scorer = slice_scorer()
     X = np.zeros((3, N_FEATURES))
     X[:, 1] = [1.0000001, -1e-7, 0.25]
     assert np.float32(X[0, 1]) > 1 and np.float32(X[1, 1]) < 0  # the float32 input keeps them outside
     assert scorer(X).tolist() == [1.0, 0.0, 0.25]
     assert [scorer.one(X[i:i + 1]) for i in range(3)] == [1.0, 0.0, 0.25]
+
+
+def test_single_rows_of_a_model_whose_output_the_binding_does_not_fit_are_scored_by_run():
+    """Single rows write into a bound (1, 2) output. A model with another output shape would fail
+    there: it is found at load and scored through `run` instead, with the same answers."""
+    bound, unbound = slice_scorer(2), slice_scorer(3)
+    assert bound.bound and not unbound.bound
+    X = probe_rows(20)
+    for scorer in (bound, unbound):
+        assert [scorer.one(X[i:i + 1]) for i in range(len(X))] == scorer(X).tolist()
 
 
 def test_concurrent_single_row_scoring_matches_sequential(trained_model):
@@ -111,6 +127,7 @@ def test_concurrent_single_row_scoring_matches_sequential(trained_model):
         for i in range(offset, len(X), 4):
             results[i] = bundle.predict_one(X[i:i + 1])  # each thread scores through its own row buffer
 
+    assert bundle._scorer.bound  # the forest's single rows take the bound path
     threads = [threading.Thread(target=work, args=(k,)) for k in range(4)]
     for thread in threads:
         thread.start()
