@@ -181,3 +181,14 @@ def make_postgres_url() -> Iterator[Callable[[str], str]]:
         with psycopg.connect(admin, autocommit=True) as conn:
             for name in created:
                 conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Modules that hold a slow test run first; the order within each group is kept.
+
+    xdist's `loadscope` gives each worker whole modules. Its own reordering (largest module first)
+    would start the longest end-to-end modules, which hold one or two tests each, last, so the run
+    would end on one worker alone; pyproject.toml turns it off (`--no-loadscope-reorder`) for this.
+    """
+    slow = {item.nodeid.split("::")[0] for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: item.nodeid.split("::")[0] not in slow)
