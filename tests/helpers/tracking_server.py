@@ -13,6 +13,10 @@ from tests.helpers import processes
 from tests.helpers.builders import MlflowStore
 from tests.helpers.gunicorn import OFFLINE, START_SECONDS
 
+# What every `mlflow server` of the tests runs with, as compose's: without MLflow's job runners
+# (huey consumers), which this project never uses (docs/decisions/032-suite-time.md).
+SERVER_ENV = {**OFFLINE, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+
 
 class TrackingServer:
     """`mlflow server` over a registry, on a loopback port fixed at construction so it can come back."""
@@ -29,7 +33,7 @@ class TrackingServer:
         self.starts += 1
         argv = [str(processes.VENV_BIN / "mlflow"), "server", "--backend-store-uri", self.store.tracking_uri,
                 "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1"]
-        self.server = processes.start(f"mlflow-server-{self.starts}", argv, env=processes.clean_env(**OFFLINE),
+        self.server = processes.start(f"mlflow-server-{self.starts}", argv, env=processes.clean_env(**SERVER_ENV),
                                       cwd=self.workdir, log_dir=self.workdir)
         if wait:
             self.wait()

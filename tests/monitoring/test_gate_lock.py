@@ -21,6 +21,7 @@ from monitoring.gate_lock import LockBusy, gate_lock
 from tests.helpers.builders import MlflowStore, train_model
 from tests.helpers.gates import GENEROUS, gate_world, start_gate, wait_for_output
 from tests.helpers.processes import clean_env, free_port, http_ok, start, wait_until
+from tests.helpers.tracking_server import SERVER_ENV
 
 
 def _sqlite(tmp_path: Path) -> str:
@@ -142,7 +143,7 @@ def test_two_gates_started_together_on_a_tracking_server_with_postgresql_promote
                                      tracking_db.replace("postgresql://", "postgresql+psycopg://", 1),
                                      "--artifacts-destination", str(tmp_path / "mlartifacts"), "--serve-artifacts",
                                      "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-                   env=clean_env(), cwd=tmp_path, log_dir=tmp_path)
+                   env=clean_env(**SERVER_ENV), cwd=tmp_path, log_dir=tmp_path)
     try:
         wait_until(server, http_ok(f"{uri}/health"), "tracking server health", timeout=180)
         store = MlflowStore(tmp_path, uri, tmp_path / "unused-artifact-root")
