@@ -165,11 +165,11 @@ print("dev-tools-missing", len(missing))
 @pytest.mark.slow
 def test_image_command_serves_health_predict_and_the_dashboards_metrics(tmp_path, image_app, make_mlflow_store,
                                                                         train_tiny_model, sample_rows_for_image):
-    from common.registry import move_to_stage
+    from tests.helpers.builders import promote_by_hand
 
     store = make_mlflow_store()
     model = train_tiny_model(store)
-    move_to_stage(store.client(), model.name, model.version, "Production")
+    promote_by_hand(store.client(), model.name, model.version)
     port = free_port()
     env = clean_env(**{key: value for key, value in runtime_stage().env().items() if key != "PATH"})
     env.update(model.env())
