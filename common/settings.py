@@ -200,18 +200,17 @@ def _long_tokens(name: str, raw: list[str]) -> list[str]:
 
 
 def read_secret(name: str) -> str | None:
-    """A secret from `name`, else from the file `name`_FILE names (its content, surrounding whitespace
-    stripped, as Docker and Kubernetes secrets are mounted); None when neither is set.
+    """A secret from the file `name`_FILE names (its content, surrounding whitespace stripped, as Docker
+    and Kubernetes secrets are mounted), else from `name`; None when neither is set. The file wins, so
+    that a rotated file is read again even after its value was copied into `name`
+    (common.registry.apply_credentials).
 
     Raises:
         SettingsError: the file cannot be read or is empty (the message never holds the secret).
     """
-    value = read_str(name)
-    if value is not None:
-        return value
     path = read_str(f"{name}_FILE")
     if path is None:
-        return None
+        return read_str(name)
     try:
         value = Path(path).read_text().strip()
     except OSError as exc:

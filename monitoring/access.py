@@ -9,9 +9,15 @@ granted here), run as the admin (MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASS
 - `pipeline`: EDIT on every experiment (it creates and writes training, drift, performance and
   promotion runs), MANAGE on the registered model (MODEL_NAME): registers versions, moves stages and
   aliases, writes the gate record. The gate runs as `pipeline`.
-- `service`: READ on the registered model and on the experiments whose runs hold its artifacts
-  (`fraud-training`, created here when missing), nothing else: it cannot move a stage or an alias.
+- `service`: READ on the registered model, and on the experiments: a version's files are artifacts
+  of the run that logged it, in whichever experiment that run is (`mlflow run` without
+  `--experiment-name` puts it in Default), and MLflow authorizes artifact downloads by experiment.
+  No write anywhere it matters: it cannot register a version, move a stage or an alias, or tag a
+  version (MLflow 3.17 lets any user create an experiment of its own, which it then manages).
 - `analyst`: READ on every experiment and every registered model.
+
+The registered model is created here when missing, so that its grants hold before the first
+training registers a version (until then the server answers 403 about a model nobody may see).
 
 Each user's password comes from `<USER>_MLFLOW_PASSWORD` or `<USER>_MLFLOW_PASSWORD_FILE` (e.g.
 SERVICE_MLFLOW_PASSWORD_FILE); a user whose password is not given is left out. Idempotent: an
@@ -23,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -36,15 +43,15 @@ EXPERIMENT, MODEL = "experiment", "registered_model"
 @dataclass(frozen=True)
 class Grant:
     resource_type: str
-    resource: str  # an experiment *name*, a model name, or "*"
+    resource: str  # a model name, or "*"
     permission: str
 
 
 def grants(model_name: str) -> dict[str, tuple[Grant, ...]]:
-    """What each user may do. Experiment grants name experiments, resolved to ids when applied."""
+    """What each user may do."""
     return {
         "pipeline": (Grant(EXPERIMENT, "*", "EDIT"), Grant(MODEL, model_name, "MANAGE")),
-        "service": (Grant(MODEL, model_name, "READ"), Grant(EXPERIMENT, registry.TRAINING_EXPERIMENT, "READ")),
+        "service": (Grant(MODEL, model_name, "READ"), Grant(EXPERIMENT, "*", "READ")),
         "analyst": (Grant(EXPERIMENT, "*", "READ"), Grant(MODEL, "*", "READ")),
     }
 
@@ -58,10 +65,22 @@ def apply(tracking_uri: str, passwords: dict[str, str], model_name: str) -> list
     Raises:
         MlflowException: the server refused (e.g. the caller is not an admin) or is unreachable.
     """
-    from mlflow.server import get_app_client
+    with warnings.catch_warnings():
+        # Importing mlflow.server imports its FastAPI app, whose Starlette import warns of a deprecation
+        # that is MLflow's to fix, not this command's user's.
+        warnings.simplefilter("ignore")
+        from mlflow.server import get_app_client
 
     auth = get_app_client("basic-auth", tracking_uri=tracking_uri)
     lines = []
+    mlflow_client = registry.client(tracking_uri)
+    try:
+        mlflow_client.get_registered_model(model_name)
+    except MlflowException as exc:
+        if exc.error_code != "RESOURCE_DOES_NOT_EXIST":
+            raise
+        mlflow_client.create_registered_model(model_name)
+        lines.append(f"registered model {model_name} created")
     for username, password in passwords.items():
         try:
             auth.get_user(username)
@@ -75,9 +94,14 @@ def apply(tracking_uri: str, passwords: dict[str, str], model_name: str) -> list
             lines.append(f"user {username}: password set")
         for grant in grants(model_name)[username]:
             resource = grant.resource
-            if grant.resource_type == EXPERIMENT and resource != "*":
-                resource = registry.ensure_experiment(resource, tracking_uri)
-            auth.grant_user_permission(username, grant.resource_type, resource, grant.permission)
+            try:
+                auth.grant_user_permission(username, grant.resource_type, resource, grant.permission)
+            except MlflowException as exc:
+                if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+                    raise
+                # Granted before, perhaps at another level: MLflow has no update, so revoke and grant.
+                auth.revoke_user_permission(username, grant.resource_type, resource)
+                auth.grant_user_permission(username, grant.resource_type, resource, grant.permission)
             lines.append(f"user {username}: {grant.permission} on {grant.resource_type} {grant.resource}")
     return lines
 

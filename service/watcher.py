@@ -302,6 +302,8 @@ class ModelWatcher:
         return self.model_name, str(found.version)
 
     def _registry_client(self):
+        # Each poll reads MLFLOW_TRACKING_PASSWORD_FILE again: a rotated password needs no restart.
+        registry.apply_credentials()
         uri = self._tracking_uri()
         if self._client is None or uri != self._client_uri:
             self._client, self._client_uri = registry.client(uri), uri
