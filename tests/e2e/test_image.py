@@ -41,7 +41,9 @@ DASHBOARD = REPO_ROOT / "docker" / "grafana" / "dashboards" / "fraud-detection.j
 TOKEN = "image-test-token"
 # Variables the image or compose file may set that are not ours: the interpreter's and MLflow server's.
 FOREIGN_VARIABLES = {"PATH", "PYTHONDONTWRITEBYTECODE", "PYTHONUNBUFFERED", "MLFLOW_BACKEND_STORE_URI",
-                     "MLFLOW_DISABLE_TELEMETRY", "MALLOC_ARENA_MAX"}
+                     "MLFLOW_DISABLE_TELEMETRY", "MALLOC_ARENA_MAX",
+                     # MLflow's basic-auth server's own (docker/compose.yaml's mlflow service)
+                     "MLFLOW_AUTH_CONFIG_PATH", "MLFLOW_AUTH_ADMIN_PASSWORD", "MLFLOW_FLASK_SERVER_SECRET_KEY"}
 
 
 @pytest.fixture(scope="module")
