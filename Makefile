@@ -10,7 +10,7 @@ PORT ?= 5000
 MLFLOW_DISABLE_TELEMETRY ?= true
 export HOST PORT MLFLOW_DISABLE_TELEMETRY
 
-.PHONY: venv run test bench wrk prometheus chromium screenshots lint ui data model reliability
+.PHONY: venv run test bench wrk prometheus chromium screenshots lint ui data model reliability mlflow-users postgres-roles
 
 # The venv is rebuilt only when a pin changes: the stamp depends on the pin files. No bytecode at
 # install: half of pip's time, for modules mostly never imported; Python writes it on first import
@@ -93,6 +93,23 @@ bench: $(STAMP) wrk
 RELIABILITY_SIZE := --numprocesses=2 --clients 16 --seconds 20 --kills 3 --repeats 6 --examples 50 --fuzz-phases examples,coverage,fuzzing
 reliability: $(STAMP)
 	$(PY) -m pytest tests/reliability $(RELIABILITY_SIZE) $(RELIABILITY_ARGS)
+
+# Multi-machine security (docs/scaling.md). The tracking server's users and grants, as its admin:
+#   MLFLOW_TRACKING_URI=http://mlflow.internal:5000 MLFLOW_TRACKING_USERNAME=admin MLFLOW_TRACKING_PASSWORD_FILE=...
+#   PIPELINE_MLFLOW_PASSWORD_FILE=... SERVICE_MLFLOW_PASSWORD_FILE=... ANALYST_MLFLOW_PASSWORD_FILE=... make mlflow-users
+mlflow-users: $(STAMP)
+	$(PY) -m monitoring.access
+
+# PostgreSQL roles, as the owner of the two databases (libpq's PGHOST, PGUSER, PGPASSFILE ...): the owner
+# creates the tables, then docker/postgres/roles.sql the roles and grants. Passwords from
+# SERVICE_DB_PASSWORD_FILE, PIPELINE_DB_PASSWORD_FILE, ARCHIVE_DB_PASSWORD_FILE (or without _FILE).
+REQUEST_LOG_DB ?= requests
+REFERENCE_DB_NAME ?= reference
+postgres-roles: $(STAMP)
+	$(PY) -m common.store --create "postgresql:///$(REQUEST_LOG_DB)" "postgresql:///$(REFERENCE_DB_NAME)"
+	for role in SERVICE PIPELINE ARCHIVE; do \
+	  file=$${role}_DB_PASSWORD_FILE; [ -z "$${!file:-}" ] || export $${role}_DB_PASSWORD="$$(cat "$${!file}")"; \
+	done; psql -v ON_ERROR_STOP=1 -d "$(REQUEST_LOG_DB)" -v reference_db="$(REFERENCE_DB_NAME)" -f docker/postgres/roles.sql
 
 ui: $(STAMP)
 	$(VENV)/bin/mlflow ui --host $(HOST) --port $${MLFLOW_UI_PORT:-5001}

@@ -257,8 +257,9 @@ def service_command() -> list[str]:
 
 def gunicorn_env(**extra: str) -> dict[str, str]:
     """What every server run under service/gunicorn.conf.py gets here: loopback, 2 workers, the token."""
+    # The registry's versions are promoted by hand (`prepare_registry`), not by the gate: this measures serving.
     return {**base_env(), "HOST": "127.0.0.1", "WEB_CONCURRENCY": "2", "API_TOKEN": TOKEN, "LOG_LEVEL": "warning",
-            **extra}
+            "ALLOW_UNGATED_MODELS": "1", **extra}
 
 
 def service_env(reg: Registry, workdir: Path, label: str, **extra: str) -> dict[str, str]:

@@ -337,6 +337,10 @@ class ModelBundle:
     onnx_artifact: str = ONNX_ARTIFACT
     # The scikit-learn flavor because the ONNX artifact could not be downloaded: another try may get it.
     onnx_retryable: bool = False
+    # sha256 of each downloaded artifact file (common.provenance.file_digests), and the version's gate
+    # record tag as the registry gave it (None: the version has none).
+    digests: dict[str, str] = field(default_factory=dict, compare=False)
+    gate_record: str | None = None
     _scorer: _OnnxScorer | _SklearnScorer = field(default=None, repr=False, compare=False)
 
     def predict_proba(self, X: np.ndarray) -> np.ndarray:
@@ -432,6 +436,8 @@ def load_bundle(mlflow_client, name: str, version: str | int, *, flavor: str = "
     from mlflow.exceptions import MlflowException
     from mlflow.models import Model
 
+    from common.provenance import GATE_RECORD_TAG, ONNX_KEY, file_digests
+
     if flavor not in FLAVORS:
         raise ValueError(f"flavor must be one of {FLAVORS}, got {flavor!r}")
     version = str(version)
@@ -452,6 +458,7 @@ def load_bundle(mlflow_client, name: str, version: str | int, *, flavor: str = "
         except Exception as exc:  # any download or parse failure means the same thing to a caller
             raise ModelLoadError(f"{label}: the model artifact is missing or unreadable: {first_line(exc)}") from None
         meta = mlmodel.metadata or {}
+        digests = file_digests(Path(local))
         _check_signature(label, mlmodel)
         threshold = _threshold(label, mv.tags, meta)
         try:
@@ -466,7 +473,10 @@ def load_bundle(mlflow_client, name: str, version: str | int, *, flavor: str = "
         session, parity, problem, retryable = None, None, None, False
         onnx_artifact = meta.get("onnx_artifact") or ONNX_ARTIFACT
         if flavor != "sklearn":
-            session, parity, problem, retryable = _load_onnx(mlflow_client, mv.run_id, onnx_artifact, forest, tmp)
+            session, parity, problem, retryable, onnx_digest = _load_onnx(mlflow_client, mv.run_id, onnx_artifact,
+                                                                          forest, tmp)
+            if onnx_digest is not None:
+                digests[ONNX_KEY] = onnx_digest
             if problem and flavor == "onnx":
                 raise ModelLoadError(f"{label}: {problem}")
 
@@ -479,7 +489,7 @@ def load_bundle(mlflow_client, name: str, version: str | int, *, flavor: str = "
         threshold_method=mv.tags.get(THRESHOLD_METHOD_TAG) or meta.get("threshold_method"),
         flavor=chosen, parity_max_abs_diff=parity, onnx_problem=problem,
         aliases=tuple(getattr(mv, "aliases", ()) or ()), onnx_artifact=onnx_artifact, onnx_retryable=retryable,
-        _scorer=scorer,
+        digests=digests, gate_record=(mv.tags or {}).get(GATE_RECORD_TAG), _scorer=scorer,
     )
 
 
@@ -489,17 +499,21 @@ def with_onnx(mlflow_client, bundle: ModelBundle) -> ModelBundle:
     Returns:
         The bundle with the ONNX flavor when the artifact now downloads and agrees with the forest;
         else the bundle as it was, with the new `onnx_problem` and `onnx_retryable`. An ONNX
-        bundle comes back as it is.
+        bundle comes back as it is. A downloaded file's digest joins `digests` either way.
     """
+    from common.provenance import ONNX_KEY
+
     if not isinstance(bundle._scorer, _SklearnScorer):
         return bundle
     with tempfile.TemporaryDirectory(prefix="fraud-model-") as tmp:
-        session, parity, problem, retryable = _load_onnx(mlflow_client, bundle.run_id, bundle.onnx_artifact,
-                                                         bundle._scorer.forest, tmp)
+        session, parity, problem, retryable, digest = _load_onnx(mlflow_client, bundle.run_id, bundle.onnx_artifact,
+                                                                 bundle._scorer.forest, tmp)
+    digests = bundle.digests if digest is None else {**bundle.digests, ONNX_KEY: digest}
     if session is None:
-        return dataclasses.replace(bundle, parity_max_abs_diff=parity, onnx_problem=problem, onnx_retryable=retryable)
+        return dataclasses.replace(bundle, parity_max_abs_diff=parity, onnx_problem=problem, onnx_retryable=retryable,
+                                   digests=digests)
     return dataclasses.replace(bundle, flavor="onnx", parity_max_abs_diff=parity, onnx_problem=None,
-                               onnx_retryable=False, _scorer=_OnnxScorer(session))
+                               onnx_retryable=False, digests=digests, _scorer=_OnnxScorer(session))
 
 
 def _check_signature(label: str, mlmodel) -> None:
@@ -536,29 +550,32 @@ def _threshold(label: str, tags: dict, meta: dict) -> float:
 
 
 def _load_onnx(mlflow_client, run_id: str | None, artifact: str, forest, tmp: str):
-    """(session, parity, problem, retryable): a session at parity, or None, the reason it is not
-    used, and whether another try may cure it (the download failed; not so a file that arrived and
-    is corrupt, of another model, or of another input shape)."""
+    """(session, parity, problem, retryable, sha256): a session at parity, or None, the reason it is
+    not used, whether another try may cure it (the download failed; not so a file that arrived and
+    is corrupt, of another model, or of another input shape), and the downloaded file's digest."""
+    import hashlib
+
     from mlflow.exceptions import MlflowException
 
     if not run_id:
-        return None, None, "the version has no run, so no ONNX artifact", False
+        return None, None, "the version has no run, so no ONNX artifact", False, None
     try:
         path = mlflow_client.download_artifacts(run_id, artifact, str(Path(tmp) / "onnx"))
         onnx_bytes = Path(path).read_bytes()
     except (MlflowException, OSError) as exc:
-        return None, None, f"ONNX artifact {artifact} is missing: {first_line(exc)}", True
+        return None, None, f"ONNX artifact {artifact} is missing: {first_line(exc)}", True, None
+    digest = hashlib.sha256(onnx_bytes).hexdigest()
     try:
         session = onnx_session(onnx_bytes)
         parity = onnx_max_abs_diff(forest, session, probe_rows())
     except ModelLoadError as exc:
-        return None, None, f"ONNX artifact {artifact} is incompatible: {exc}", False
+        return None, None, f"ONNX artifact {artifact} is incompatible: {exc}", False, digest
     except Exception as exc:  # onnxruntime raises its own exception types for corrupt files
-        return None, None, f"ONNX artifact {artifact} cannot be loaded: {first_line(exc)}", False
+        return None, None, f"ONNX artifact {artifact} cannot be loaded: {first_line(exc)}", False, digest
     if not parity <= PARITY_TOLERANCE:
         return None, parity, (f"ONNX artifact {artifact} disagrees with the forest: max |Δp| = {parity:.3g} "
-                              f"> {PARITY_TOLERANCE:g} on the probe set"), False
-    return session, parity, None, False
+                              f"> {PARITY_TOLERANCE:g} on the probe set"), False, digest
+    return session, parity, None, False, digest
 
 
 

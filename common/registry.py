@@ -40,9 +40,24 @@ def stages_api() -> Iterator[None]:
         yield
 
 
+def apply_credentials() -> None:
+    """Give MLflow's client the tracking server's user and password when they come from files
+    (MLFLOW_TRACKING_USERNAME_FILE, MLFLOW_TRACKING_PASSWORD_FILE): MLflow reads only the variables,
+    so they are set in this process's environment, which subprocesses (`mlflow run` steps) inherit.
+
+    Raises:
+        SettingsError: a file cannot be read.
+    """
+    for name, value in zip(("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"), settings.tracking_credentials(),
+                           strict=True):
+        if value is not None and os.environ.get(name) != value:
+            os.environ[name] = value
+
+
 def configure_tracking(uri: str | None = None) -> str:
     """Point MLflow's tracking and registry at `uri` (default: MLFLOW_TRACKING_URI). Returns it."""
     uri = uri or settings.tracking_uri()
+    apply_credentials()
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
     return uri
@@ -81,8 +96,10 @@ def _restore_environment(saved: dict[str, str | None]) -> None:
 
 
 def client(uri: str | None = None) -> MlflowClient:
-    """A client for `uri` (default: MLFLOW_TRACKING_URI), for both tracking and registry."""
+    """A client for `uri` (default: MLFLOW_TRACKING_URI), for both tracking and registry, logged in
+    as MLFLOW_TRACKING_USERNAME when the server wants a user (`apply_credentials`)."""
     uri = uri or settings.tracking_uri()
+    apply_credentials()
     return MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 

@@ -199,10 +199,49 @@ def _long_tokens(name: str, raw: list[str]) -> list[str]:
     return tokens
 
 
+def read_secret(name: str) -> str | None:
+    """A secret from the file `name`_FILE names (its content, surrounding whitespace stripped, as Docker
+    and Kubernetes secrets are mounted), else from `name`; None when neither is set. The file wins, so
+    that a rotated file is read again even after its value was copied into `name`
+    (common.registry.apply_credentials).
+
+    Raises:
+        SettingsError: the file cannot be read or is empty (the message never holds the secret).
+    """
+    path = read_str(f"{name}_FILE")
+    if path is None:
+        return read_str(name)
+    try:
+        value = Path(path).read_text().strip()
+    except OSError as exc:
+        raise SettingsError(f"{name}_FILE={path!r} cannot be read: {exc.strerror}") from None
+    if not value:
+        raise SettingsError(f"{name}_FILE={path!r} is empty")
+    return value
+
+
+def tracking_credentials() -> tuple[str | None, str | None]:
+    """MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD, each also from its `_FILE`: the user this
+    component logs in to an authenticated tracking server as (monitoring.access). MLflow's own client
+    reads only the variables; common.registry.apply_credentials sets them from the files."""
+    return read_secret("MLFLOW_TRACKING_USERNAME"), read_secret("MLFLOW_TRACKING_PASSWORD")
+
+
+def user_password(user: str) -> str | None:
+    """<USER>_MLFLOW_PASSWORD or its `_FILE`: the password `python -m monitoring.access` gives `user`."""
+    return read_secret(f"{user.upper()}_MLFLOW_PASSWORD")
+
+
 def shadow() -> bool:
     """SHADOW; on (default): each request is also scored by the registry's challenger (Staging) version,
     logged beside the champion's score; off: no challenger is loaded."""
     return read_bool("SHADOW", True)
+
+
+def allow_ungated_models() -> bool:
+    """ALLOW_UNGATED_MODELS; an emergency escape hatch: 1 serves a champion that has no promotion
+    gate record, or whose artifacts differ from it (common.provenance). Logged at every such load."""
+    return read_bool("ALLOW_UNGATED_MODELS", False)
 
 
 def model_poll_seconds() -> float:

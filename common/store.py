@@ -14,6 +14,7 @@ import contextlib
 import itertools
 import math
 import sqlite3
+import sys
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -711,3 +712,27 @@ def _chunk_sizes(n: int, most: int) -> Iterator[int]:
 def _chunks(items: list, size: int) -> Iterator[list]:
     for start in range(0, len(items), size):
         yield items[start:start + size]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`python -m common.store --create URL...`: create (or bring up to date) the `requests` table in each
+    database, as whoever runs it. On PostgreSQL that is the databases' owner (`make postgres-roles`),
+    because the roles the components log in as may not create tables (docker/postgres/roles.sql)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m common.store", description=main.__doc__.splitlines()[0])
+    parser.add_argument("--create", nargs="+", required=True, metavar="URL",
+                        help="request log or reference database: a SQLite path or a URL")
+    args = parser.parse_args(argv)
+    for location in args.create:
+        try:
+            RequestStore(location).dispose()
+        except sa.exc.DBAPIError as exc:
+            print(f"store: {describe(location)}: {first_line(exc)}", file=sys.stderr)
+            return 1
+        print(f"store: table requests ready in {describe(location)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

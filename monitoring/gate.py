@@ -19,7 +19,9 @@ With no Production version yet (the first model), (a) does not apply and (b) is 
 absolute floor on the candidate's own metrics. Margins and floor: `data/promotion_config.json`
 (PROMOTION_CONFIG).
 
-On pass the candidate becomes Production (the previous one Archived with alias `previous`; see
+On pass the version first gets the gate's record (`gate_record`: the gate run and the sha256 of each
+artifact file it checked, which every replica verifies before serving it; common.provenance), then
+becomes Production (the previous one Archived with alias `previous`; see
 `common.registry.move_to_stage`), the version is tagged with the gate run's id, the reasons and
 `promoted_at`, and the drift reference file is replaced atomically with the new model's training
 data and scores. On fail nothing changes, the reasons are printed and logged. Rollback makes the
@@ -325,6 +327,10 @@ def integrity(mlflow_client, name: str, version: str, rows: np.ndarray | None):
         forest = load_bundle(mlflow_client, name, version, flavor="sklearn")
     except ModelLoadError as exc:
         return Check("integrity", False, f"v{version} cannot be served: {exc}"), None
+    changed = sorted(k for k, v in forest.digests.items() if served.digests.get(k) != v)
+    if changed:  # the gate records the digests of what it checked: both reads must be the same files
+        return Check("integrity", False, f"v{version}'s artifacts changed while the gate read them: "
+                                         f"{', '.join(changed)}"), None
     if rows is None or len(rows) == 0:
         return Check("integrity", True, f"v{version} loads (signature, threshold, ONNX parity on probe rows)"), served
     try:
@@ -517,7 +523,7 @@ def _promote(params: GateParams, repairs: tuple[str, ...] = ()) -> GateDecision:
                                 str(production.version) if production else None, tuple(checks), metrics, run_id,
                                 tuple(notes))
         if passed:
-            _make_production(mlflow_client, name, candidate.version, decision)
+            _make_production(mlflow_client, name, candidate.version, decision, served)
             commit_reference_file(staged, reference_path)
             staged = None
             promotion.crash_point("reference")
@@ -567,7 +573,7 @@ def _rollback(params: GateParams, repairs: tuple[str, ...] = ()) -> GateDecision
                 staged = stage_refresh(mlflow_client, served, reference_path)
             except ReferenceError as exc:
                 notes.append(f"drift reference not refreshed: {exc}")
-            _make_production(mlflow_client, name, previous.version, decision)
+            _make_production(mlflow_client, name, previous.version, decision, served)
             if staged is not None:
                 commit_reference_file(staged, reference_path)
                 staged = None
@@ -584,14 +590,16 @@ def _rollback(params: GateParams, repairs: tuple[str, ...] = ()) -> GateDecision
     return decision
 
 
-def _make_production(mlflow_client, name: str, version: str, decision: GateDecision) -> None:
+def _make_production(mlflow_client, name: str, version: str, decision: GateDecision, served) -> None:
+    """Make `version` Production with its promotion tags and the gate record of `served`, the bundle
+    the gate checked (its files' digests: common.provenance)."""
     reasons = "; ".join(decision.reasons)
     tags = {PROMOTED_AT_TAG: repr(time.time()), "promotion_run_id": decision.run_id or "",
             "promotion_action": decision.action, "promotion_reasons": reasons[:4900]}
     if decision.production:
         tags[promotion.REPLACED_TAG] = decision.production
     promotion.make_production(mlflow_client, name, version, run_id=decision.run_id, action=decision.action,
-                              tags=tags)
+                              tags=tags, digests=served.digests)
 
 
 def _log_decision(mlflow_client, decision: GateDecision, params: GateParams, config: GateConfig | None) -> None:

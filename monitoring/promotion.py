@@ -4,7 +4,8 @@ The promotion gate (monitoring.gate) makes a version Production, on promotion an
 alike, in this order, one registry write at a time:
 
 1. the intent: the registered model's tag `promotion_in_progress` names the gate run, the action,
-   the version, the version it replaces, and the stage it leaves;
+   the version, the version it replaces, and the stage it leaves; and the version's gate record
+   (`record_gate`), which replicas require before they serve it (common.provenance);
 2. the version's stage becomes Production (step "stage");
 3. alias `champion` moves to it (step "alias"): the commit point, from which the service serves it
    (common.registry.production_version);
@@ -35,7 +36,7 @@ from pathlib import Path
 
 from mlflow.exceptions import MlflowException
 
-from common import registry
+from common import provenance, registry
 from common.model import ModelLoadError, load_bundle
 from common.text import first_line
 from monitoring.reference import ReferenceError, commit_reference_file, read_reference_metadata, stage_refresh
@@ -67,10 +68,22 @@ class Intent:
     started_at: float
 
 
+def record_gate(mlflow_client, name: str, version: str | int, run_id: str, digests: dict[str, str]) -> None:
+    """Write the gate's record on `version`: its run and the sha256 of each artifact file it checked
+    (`digests`, from the bundle it loaded: common.model.ModelBundle.digests).
+
+    Raises:
+        ValueError: no run id, or no model file among the digests.
+    """
+    mlflow_client.set_model_version_tag(name, str(version), provenance.GATE_RECORD_TAG,
+                                        provenance.record(name, version, run_id, digests))
+
+
 def make_production(mlflow_client, name: str, version: str, *, run_id: str | None, action: str,
-                    tags: dict[str, str]) -> None:
-    """Steps 1 to 4: record the intent, move `version` to Production (common.registry.move_to_stage)
-    and tag it with `tags`. The caller refreshes the reference, logs, and then calls `finish`."""
+                    tags: dict[str, str], digests: dict[str, str]) -> None:
+    """Steps 1 to 4: record the intent and the gate record (`record_gate`), move `version` to
+    Production (common.registry.move_to_stage) and tag it with `tags`. The caller refreshes the
+    reference, logs, and then calls `finish`."""
     version = str(version)
     current = registry.production_version(mlflow_client, name)
     with registry.stages_api():
@@ -78,6 +91,7 @@ def make_production(mlflow_client, name: str, version: str, *, run_id: str | Non
     intent = Intent(run_id, action, version, str(current.version) if current is not None else None, stage_before,
                     time.time())
     mlflow_client.set_registered_model_tag(name, INTENT_TAG, json.dumps(asdict(intent)))
+    record_gate(mlflow_client, name, version, run_id or "", digests)
     registry.move_to_stage(mlflow_client, name, version, "Production", after_step=crash_point)
     for key, value in tags.items():
         mlflow_client.set_model_version_tag(name, version, key, value)

@@ -51,6 +51,7 @@ class Config:
     max_body_bytes: int
     feature_config: str
     shadow: bool = True
+    allow_ungated_models: bool = False
     watch_model: bool = True
     model_wait_seconds: float = 20.0
 
@@ -78,6 +79,7 @@ class Config:
             max_body_bytes=pick("max_body_bytes", settings.max_body_bytes),
             feature_config=str(pick("feature_config", settings.feature_config_path)),
             shadow=pick("shadow", settings.shadow),
+            allow_ungated_models=pick("allow_ungated_models", settings.allow_ungated_models),
             watch_model=overrides.get("watch_model", True),
             model_wait_seconds=overrides.get("model_wait_seconds", 20.0),
         )
@@ -201,13 +203,16 @@ def create_app(config: dict | None = None) -> Flask:
         metrics=metrics,
         watcher=ModelWatcher(metrics, tracking_uri=lambda: cfg.tracking_uri, model_name=cfg.model_name,
                              model_uri=cfg.model_uri, poll_seconds=cfg.poll_seconds,
-                             threshold_override=cfg.fraud_threshold),
+                             threshold_override=cfg.fraud_threshold, allow_ungated=cfg.allow_ungated_models),
         request_log=RequestLog(cfg.request_log),
         challenger=(ModelWatcher(metrics, tracking_uri=lambda: cfg.tracking_uri, model_name=cfg.model_name,
                                  poll_seconds=cfg.poll_seconds, role=CHALLENGER)
                     if cfg.shadow and not cfg.model_uri else None),
     )
     app.extensions[SERVICE_KEY] = service
+    if cfg.allow_ungated_models:
+        log.error("ALLOW_UNGATED_MODELS=1: this service serves champions that the promotion gate did not "
+                  "approve or whose artifacts changed since; /ready shows it. Unset it once the emergency is over")
     _register_hooks(app, service)
     _register_routes(app, service)
     if cfg.watch_model:

@@ -17,6 +17,10 @@ fails during a swap.
 - No version yet: serve nothing (the app answers 503) until one is promoted.
 - A version that cannot be loaded (`ModelLoadError`): refuse it, keep the old model, report it in
   `status()`, the log and `fraud_model_refused_version`; retry it only after `refused_retry_seconds`.
+- A champion the registry names (alias, stage, or a MODEL_URI that is not a version number) without
+  the promotion gate's record, or whose downloaded files differ from the digests it records
+  (`common.provenance.check`): refused the same way. ALLOW_UNGATED_MODELS=1 serves it anyway, with
+  an error in the log at each such load and `gate_check` in `status()` saying so.
 - The challenger is dropped when the registry names none any more (a promotion took it to
   Production): a worker never shadow-scores with a version that is not the challenger.
 - A version whose ONNX artifact could not be downloaded (a registry or artifact store that failed
@@ -29,6 +33,7 @@ fails during a swap.
 from __future__ import annotations
 
 import logging
+import re
 import threading
 import time
 from collections.abc import Callable
@@ -36,7 +41,7 @@ from dataclasses import dataclass
 
 import tenacity
 
-from common import registry, settings
+from common import provenance, registry, settings
 from common.model import ModelBundle, ModelLoadError, load_bundle, with_onnx
 from common.text import first_line
 from service.metrics import Metrics
@@ -46,6 +51,8 @@ log = logging.getLogger("service.model")
 
 CHAMPION, CHALLENGER = "champion", "challenger"
 STAGES = {CHAMPION: "Production", CHALLENGER: "Staging"}
+# A MODEL_URI that names a version number is the operator's own pin; any other follows the registry.
+_PINNED_URI = re.compile(r"^models:/[^/@]+/\d+/?$")
 
 
 class _RoleMetrics:
@@ -133,7 +140,8 @@ class ModelWatcher:
                  model_name: str | None = None, model_uri: str | None = None, poll_seconds: float = 10.0,
                  threshold_override: float | None = None, refused_retry_seconds: float | None = None,
                  loader: Callable[..., ModelBundle] = load_bundle, role: str = CHAMPION,
-                 onnx_retry_seconds: float = 1.0, onnx_retry_max_seconds: float = 300.0):
+                 onnx_retry_seconds: float = 1.0, onnx_retry_max_seconds: float = 300.0,
+                 allow_ungated: bool = False):
         if role not in STAGES:
             raise ValueError(f"role must be one of {sorted(STAGES)}, got {role!r}")
         if role == CHALLENGER and model_uri:
@@ -150,6 +158,11 @@ class ModelWatcher:
         self._loader = loader
         self.onnx_retry_seconds = onnx_retry_seconds
         self.onnx_retry_max_seconds = onnx_retry_max_seconds
+        # The gate's record is required of what the registry makes champion (not of a challenger,
+        # which answers nothing, nor of a version number pinned by MODEL_URI).
+        self.gated = role == CHAMPION and not (model_uri and _PINNED_URI.match(model_uri.strip()))
+        self.allow_ungated = allow_ungated
+        self.ungated: str | None = None  # why the served version failed the gate check (ALLOW_UNGATED_MODELS)
 
         # Read by request threads without a lock: each is replaced whole, never mutated.
         self.current: ServingModel | None = None
@@ -233,10 +246,34 @@ class ModelWatcher:
         started = time.perf_counter()
         try:
             bundle = self._loader(self._client, name, version)
+            ungated = self._gate_check(bundle)
         except ModelLoadError as exc:
             self._refuse(version, str(exc))
             return
         self._swap(bundle, time.perf_counter() - started)
+        self.ungated = ungated
+
+    def _gate_check(self, bundle: ModelBundle) -> str | None:
+        """Check the promotion gate's record of a champion (`common.provenance.check`).
+
+        Returns:
+            None when it passes (or is not required); the failure when ALLOW_UNGATED_MODELS lets the
+            version be served anyway.
+
+        Raises:
+            UngatedModelError: it fails, and ungated models are not allowed.
+        """
+        if not self.gated:
+            return None
+        try:
+            provenance.check(bundle.gate_record, bundle.name, bundle.version, bundle.digests,
+                             onnx_pending=bundle.onnx_retryable)
+        except provenance.UngatedModelError as exc:
+            if not self.allow_ungated:
+                raise
+            log.error("ALLOW_UNGATED_MODELS=1: serving a version the promotion gate did not approve: %s", exc)
+            return str(exc)
+        return None
 
     def _resolve(self) -> tuple[str, str]:
         from mlflow.exceptions import MlflowException
@@ -265,6 +302,8 @@ class ModelWatcher:
         return self.model_name, str(found.version)
 
     def _registry_client(self):
+        # Each poll reads MLFLOW_TRACKING_PASSWORD_FILE again: a rotated password needs no restart.
+        registry.apply_credentials()
         uri = self._tracking_uri()
         if self._client is None or uri != self._client_uri:
             self._client, self._client_uri = registry.client(uri), uri
@@ -354,6 +393,11 @@ class ModelWatcher:
             self._onnx_given_up(served, "the retries failed unexpectedly; see the log")
             return
         attempts = retrying.statistics.get("attempt_number", 0) + 1
+        try:
+            self.ungated = self._gate_check(bundle) or self.ungated
+        except provenance.UngatedModelError as exc:  # the ONNX file is not the one the gate checked
+            self._onnx_given_up(served, str(exc), attempts)
+            return
         with self._check_lock:  # not in the middle of a poll's swap
             if self.current is not served:
                 return
@@ -405,6 +449,9 @@ class ModelWatcher:
                 "poll_seconds": self.poll_seconds,
             },
             "problem": self.problem,
+            "gate_check": None if not self.gated else {
+                "required": not self.allow_ungated, "ungated_allowed": self.allow_ungated,
+                "served_version_failed": self.ungated},
             "refused": None if refused is None else {"version": refused.version, "error": refused.error,
                                                       "at": refused.at},
             "onnx": None if onnx is None else {"version": onnx.version, "problem": onnx.problem,

@@ -58,3 +58,26 @@ def test_use_tracking_restores_a_uri_set_in_code_and_the_environment_beside_it(n
     assert mlflow.get_registry_uri() == f"sqlite:///{tmp_path / 'registry.db'}"
     assert os.environ["MLFLOW_TRACKING_URI"] == f"sqlite:///{tmp_path / 'env.db'}"
     assert "MLFLOW_REGISTRY_URI" not in os.environ
+
+
+def test_tracking_credentials_from_files_reach_mlflow_and_a_rotated_file_is_read_again(monkeypatch, tmp_path):
+    from common.settings import SettingsError
+
+    password = tmp_path / "password"
+    password.write_text("first-password-0123\n")
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "service")
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD_FILE", str(password))
+    monkeypatch.delenv("MLFLOW_TRACKING_PASSWORD", raising=False)
+    registry.apply_credentials()
+    assert os.environ["MLFLOW_TRACKING_PASSWORD"] == "first-password-0123"
+    assert os.environ["MLFLOW_TRACKING_USERNAME"] == "service"
+    password.write_text("second-password-0123")  # rotated: the file wins over the copy in the variable
+    registry.apply_credentials()
+    assert os.environ["MLFLOW_TRACKING_PASSWORD"] == "second-password-0123"
+    password.write_text("  \n")
+    with pytest.raises(SettingsError, match=r"MLFLOW_TRACKING_PASSWORD_FILE=.* is empty"):
+        registry.apply_credentials()
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD_FILE", str(tmp_path / "missing"))
+    with pytest.raises(SettingsError, match="cannot be read") as raised:
+        registry.apply_credentials()
+    assert "second-password" not in str(raised.value)

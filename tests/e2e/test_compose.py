@@ -73,7 +73,8 @@ def dashboard_datasources() -> set[tuple[str, str]]:
 def test_compose_runs_the_five_services_under_one_project_name(compose):
     assert compose["name"] == "fraud-detection"
     services = compose["services"]
-    assert set(services) == {"postgres", "mlflow", "api", "prometheus", "grafana"}
+    assert set(services) == {"postgres", "db-tables", "db-roles", "mlflow", "mlflow-users", "api", "pipeline",
+                             "prometheus", "grafana"}
     for name, service in services.items():
         depends = service.get("depends_on", {})
         assert set(depends) <= set(services) - {name}, (name, depends)
@@ -96,9 +97,10 @@ def test_every_published_port_is_bound_to_loopback_only(compose):
 def test_the_token_secret_is_mounted_where_the_api_and_prometheus_read_it(compose):
     services = compose["services"]
     api, prometheus = services["api"], services["prometheus"]
-    assert compose["secrets"] == {"api_token": {"environment": "API_TOKEN"}}
-    assert [name for name, service in services.items() if "secrets" in service] == ["api", "prometheus"]
-    assert api["secrets"] == prometheus["secrets"] == ["api_token"]
+    assert compose["secrets"]["api_token"] == {"environment": "API_TOKEN"}
+    assert [name for name, service in services.items() if "api_token" in service.get("secrets", ())] == \
+        ["api", "prometheus"]
+    assert prometheus["secrets"] == ["api_token"]
     assert api["environment"]["API_TOKEN_FILE"] == SECRET_FILE
     (job,) = yaml.safe_load(PROMETHEUS.read_text())["scrape_configs"]
     assert job["metrics_path"] == "/metrics"
@@ -144,6 +146,40 @@ def test_the_dashboards_use_exactly_the_provisioned_datasources_and_those_reach_
     assert f"CREATE ROLE {store['user']} LOGIN" in (DOCKER / "postgres" / "init-databases.sh").read_text()
 
 
+def test_each_component_logs_in_as_its_own_user_and_role(compose):
+    services, secrets = compose["services"], compose["secrets"]
+    mlflow = services["mlflow"]
+    assert "--app-name=basic-auth" in mlflow["command"]
+    assert mlflow["environment"]["MLFLOW_AUTH_CONFIG_PATH"] == "/app/docker/mlflow/basic_auth.ini"
+    assert "NO_PERMISSIONS" in (DOCKER / "mlflow" / "basic_auth.ini").read_text()
+    # The admin's password and the CSRF key come from the operator's environment, never from a file here.
+    assert mlflow["environment"]["MLFLOW_AUTH_ADMIN_PASSWORD"].startswith("${MLFLOW_ADMIN_PASSWORD:?")
+    assert mlflow["environment"]["MLFLOW_FLASK_SERVER_SECRET_KEY"].startswith("${MLFLOW_FLASK_SECRET:?")
+    assert any(v.endswith(":/app/mlauth") for v in mlflow["volumes"]) and mlflow["working_dir"] == "/app/mlauth"
+    users = {"api": "service", "pipeline": "pipeline", "mlflow-users": "admin"}
+    for name, user in users.items():
+        env = services[name]["environment"]
+        assert env["MLFLOW_TRACKING_USERNAME"] == user
+        if user != "admin":
+            path = env["MLFLOW_TRACKING_PASSWORD_FILE"]
+            secret = path.removeprefix("/run/secrets/")
+            assert secret in services[name]["secrets"]
+            assert secrets[secret] == {"environment": f"{user.upper()}_MLFLOW_PASSWORD"}
+    assert services["mlflow-users"]["command"] == ["python", "-m", "monitoring.access"]
+    roles = {"api": "fraud_service", "pipeline": "fraud_pipeline"}
+    for name, role in roles.items():
+        for key in ("LATEST_DB", "REFERENCE_DB"):
+            if key in services[name]["environment"]:
+                assert sa.make_url(services[name]["environment"][key]).username == role
+    assert "REFERENCE_DB" not in services["api"]["environment"]
+    assert sa.make_url(mlflow["environment"]["MLFLOW_BACKEND_STORE_URI"]).username == "mlflow"
+    assert any(v.startswith("./postgres/roles.sql:") for v in services["db-roles"]["volumes"])
+    for name in ("api", "pipeline"):
+        assert services[name]["depends_on"]["db-roles"] == {"condition": "service_completed_successfully"}
+        assert services[name]["depends_on"]["mlflow-users"] == {"condition": "service_completed_successfully"}
+    assert services["pipeline"]["profiles"] == ["pipeline"]
+
+
 def test_compose_runs_mlflow_on_postgresql_with_proxied_artifacts(compose):
     mlflow = compose["services"]["mlflow"]
     assert mlflow["command"][:2] == ["mlflow", "server"]
@@ -161,7 +197,7 @@ def test_only_the_request_logs_sessions_commit_without_waiting_for_the_disk(comp
     # docs/decisions/019-postgresql-copy-and-synchronous-commit.md: the trade is the request log's alone.
     api = compose["services"]["api"]["environment"]
     assert sa.make_url(api["LATEST_DB"]).query == {"options": "-c synchronous_commit=off"}
-    assert not sa.make_url(api["REFERENCE_DB"]).query
+    assert not sa.make_url(compose["services"]["pipeline"]["environment"]["REFERENCE_DB"]).query
     assert "synchronous_commit" not in compose["services"]["mlflow"]["environment"]["MLFLOW_BACKEND_STORE_URI"]
     assert "synchronous_commit" not in (DOCKER / "postgres" / "init-databases.sh").read_text()
 

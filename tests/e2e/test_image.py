@@ -41,7 +41,9 @@ DASHBOARD = REPO_ROOT / "docker" / "grafana" / "dashboards" / "fraud-detection.j
 TOKEN = "image-test-token"
 # Variables the image or compose file may set that are not ours: the interpreter's and MLflow server's.
 FOREIGN_VARIABLES = {"PATH", "PYTHONDONTWRITEBYTECODE", "PYTHONUNBUFFERED", "MLFLOW_BACKEND_STORE_URI",
-                     "MLFLOW_DISABLE_TELEMETRY", "MALLOC_ARENA_MAX"}
+                     "MLFLOW_DISABLE_TELEMETRY", "MALLOC_ARENA_MAX",
+                     # MLflow's basic-auth server's own (docker/compose.yaml's mlflow service)
+                     "MLFLOW_AUTH_CONFIG_PATH", "MLFLOW_AUTH_ADMIN_PASSWORD", "MLFLOW_FLASK_SERVER_SECRET_KEY"}
 
 
 @pytest.fixture(scope="module")
@@ -168,11 +170,11 @@ print("dev-tools-missing", len(missing))
 @pytest.mark.slow
 def test_image_command_serves_health_predict_and_the_dashboards_metrics(tmp_path, image_app, make_mlflow_store,
                                                                         train_tiny_model, sample_rows_for_image):
-    from common.registry import move_to_stage
+    from tests.helpers.builders import promote_by_hand
 
     store = make_mlflow_store()
     model = train_tiny_model(store)
-    move_to_stage(store.client(), model.name, model.version, "Production")
+    promote_by_hand(store.client(), model.name, model.version)
     port = free_port()
     env = clean_env(**{key: value for key, value in runtime_stage().env().items() if key != "PATH"})
     env.update(model.env())

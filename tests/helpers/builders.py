@@ -110,3 +110,40 @@ def train_model(store: MlflowStore, data: ReferenceData, *, extra_env: dict[str,
         mp.delenv("MLFLOW_RUN_ID", raising=False)
         result = train(TrainParams(**fields), progress=lambda _line: None)
     return TrainedModel(store, data, result.model_name, result.version, result.run_id, result.threshold, result)
+
+
+
+def record_as_gate(mlflow_client, name: str, version: str | int) -> str:
+    """Write on a version the record the promotion gate writes before it promotes one, through the
+    gate's own `monitoring.promotion.record_gate`: the digests of the files `load_bundle` downloads,
+    under a run in experiment `promotions`. Replicas then serve the version once it is champion.
+
+    Returns:
+        The run id the record names.
+    """
+    from common import registry
+    from common.model import load_bundle
+    from monitoring.promotion import record_gate
+    from monitoring.runs import start_run
+
+    bundle = load_bundle(mlflow_client, name, version)
+    run_id = start_run(mlflow_client, registry.PROMOTION_EXPERIMENT, f"test · v{version} recorded by hand",
+                       {"action": "promote"}, mlflow_client.tracking_uri)
+    mlflow_client.set_terminated(run_id, "FINISHED")
+    record_gate(mlflow_client, name, version, run_id, bundle.digests)
+    return run_id
+
+
+def promote_by_hand(mlflow_client, name: str, version: str | int) -> str:
+    """Move a version to Production without the gate's checks, but with its record (`record_as_gate`),
+    for tests about something else than who promotes. A test of an ungated version calls
+    `common.registry.move_to_stage` alone.
+
+    Returns:
+        The run id the record names.
+    """
+    from common import registry
+
+    run_id = record_as_gate(mlflow_client, name, version)
+    registry.move_to_stage(mlflow_client, name, version, "Production")
+    return run_id

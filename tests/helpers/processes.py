@@ -29,9 +29,12 @@ def free_port() -> int:
 
 
 def settings_variables() -> frozenset[str]:
-    """Every environment variable a reader in common/settings.py reads (`read_str("NAME")` and kin)."""
+    """Every environment variable a reader in common/settings.py reads (`read_str("NAME")` and kin;
+    `read_secret("NAME")` reads NAME and NAME_FILE)."""
     source = (REPO_ROOT / "common" / "settings.py").read_text()
-    return frozenset(re.findall(r'read_(?:str|int|float|bool)\(\s*"([A-Z][A-Z0-9_]*)"', source))
+    secrets = re.findall(r'read_secret\(\s*"([A-Z][A-Z0-9_]*)"', source)
+    return frozenset([*re.findall(r'read_(?:str|int|float|bool)\(\s*"([A-Z][A-Z0-9_]*)"', source),
+                      *secrets, *(f"{name}_FILE" for name in secrets)])
 
 
 def clean_env(**overrides: str) -> dict[str, str]:

@@ -4,16 +4,25 @@ file corruption."""
 from __future__ import annotations
 
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from common.registry import move_to_stage
-from tests.helpers.builders import MlflowStore, ReferenceData, TrainedModel, new_mlflow_store, train_model
+from tests.helpers.builders import (
+    MlflowStore,
+    ReferenceData,
+    TrainedModel,
+    new_mlflow_store,
+    promote_by_hand,
+    record_as_gate,
+    train_model,
+)
 
 TOKEN = "test-token-primary"
 OTHER_TOKEN = "test-token-rotated"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 POLL_SECONDS = 0.2
+DEADLINE_SECONDS = 30
 
 
 @dataclass(frozen=True)
@@ -35,11 +44,13 @@ class ServingRegistry:
 
 
 def build_serving_registry(root: Path, data: ReferenceData) -> ServingRegistry:
-    """Train versions 1 (seed 0, moved to Production) and 2 (seed 1, Staging) into a new store."""
+    """Train versions 1 (seed 0, moved to Production) and 2 (seed 1, Staging) into a new store. Both carry
+    the promotion gate's record, so a test may move version 2 to Production by hand and see it served."""
     store = new_mlflow_store(root)
     v1 = train_model(store, data, seed=0)
     v2 = train_model(store, data, seed=1)
-    move_to_stage(store.client(), v1.name, v1.version, "Production")
+    promote_by_hand(store.client(), v1.name, v1.version)
+    record_as_gate(store.client(), v2.name, v2.version)
     return ServingRegistry(store, data, v1, v2)
 
 
@@ -70,3 +81,16 @@ def corrupt_copy_of(path: Path) -> None:
 
 def restore(src: Path, dest: Path) -> None:
     shutil.copyfile(src, dest)
+
+
+def wait_for(condition, what: str, timeout: float = DEADLINE_SECONDS):
+    """Poll `condition` every 50 ms until it returns something true (returned), or fail the test."""
+    import pytest
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.05)
+    pytest.fail(f"timed out after {timeout} s waiting for {what}")

@@ -17,7 +17,14 @@ from common import registry
 from common.schema import FEATURES, LABEL
 from monitoring import gate
 from monitoring.reference import read_reference_file, read_reference_metadata
-from tests.helpers.builders import MlflowStore, ReferenceData, TrainedModel, new_mlflow_store, train_model
+from tests.helpers.builders import (
+    MlflowStore,
+    ReferenceData,
+    TrainedModel,
+    new_mlflow_store,
+    promote_by_hand,
+    train_model,
+)
 
 
 @dataclass(frozen=True)
@@ -250,7 +257,7 @@ def test_running_service_serves_the_newly_promoted_version_without_a_restart(wor
     from service.app import create_app, service_of
 
     first, second = world.registry.good.version, world.registry.other.version
-    world.make_production(first)
+    promote_by_hand(world.client(), world.name, first)  # with the gate's record, which the service requires
     token = "gate-test-token-0123"
     app = create_app({
         "tokens": (token,), "request_log": str(tmp_path / "requests.db"), "tracking_uri": world.store.tracking_uri,
@@ -268,6 +275,8 @@ def test_running_service_serves_the_newly_promoted_version_without_a_restart(wor
             time.sleep(0.1)
             served = client.get("/version", headers=headers).get_json()["model_version"]
         assert served == second
+        ready = client.get("/ready").get_json()
+        assert ready["refused"] is None and ready["gate_check"]["required"] is True
         answer = client.post("/predict", json={"data": [[0.0] * 29]}, headers=headers).get_json()
         assert answer["model_version"] == second
     finally:

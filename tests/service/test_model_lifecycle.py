@@ -11,25 +11,13 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 import numpy as np
-import pytest
 
 from common.model import ONNX_ARTIFACT, load_bundle
 from common.registry import move_to_stage
 from common.store import RequestStore
 from service.app import service_of
-from tests.helpers.service import AUTH, corrupt_copy_of, parse_metrics
-
-DEADLINE_SECONDS = 30
-
-
-def wait_for(condition, what: str, timeout: float = DEADLINE_SECONDS):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.05)
-    pytest.fail(f"timed out after {timeout} s waiting for {what}")
+from tests.helpers.builders import promote_by_hand
+from tests.helpers.service import AUTH, corrupt_copy_of, parse_metrics, wait_for
 
 
 def metrics_of(client) -> dict:
@@ -180,7 +168,7 @@ def test_an_onnx_artifact_that_failed_to_download_is_retried_in_the_background_u
     # A model of its own: this test takes its ONNX artifact away for a moment.
     store = make_mlflow_store()
     model = train_tiny_model(store)
-    move_to_stage(store.client(), model.name, model.version, "Production")
+    promote_by_hand(store.client(), model.name, model.version)
     artifact_root = urlparse(store.client().get_run(model.run_id).info.artifact_uri).path
     onnx = Path(artifact_root) / ONNX_ARTIFACT
     hidden = onnx.with_name("hidden.onnx")
