@@ -9,10 +9,9 @@ from collections.abc import Iterator
 import pytest
 from werkzeug.serving import make_server
 
-from common import registry
 from common.store import RequestStore
 from monitoring import drift, simulate
-from tests.helpers.builders import new_mlflow_store, train_model
+from tests.helpers.builders import new_mlflow_store, promote_by_hand, train_model
 
 TOKEN = "simulator-token-0123"
 
@@ -21,7 +20,7 @@ TOKEN = "simulator-token-0123"
 def served_registry(tmp_path_factory, reference_data):
     store = new_mlflow_store(tmp_path_factory.mktemp("simulate-registry"))
     model = train_model(store, reference_data, seed=0)
-    registry.move_to_stage(store.client(), model.name, model.version, "Production")
+    promote_by_hand(store.client(), model.name, model.version)  # the service serves only gated champions
     return store, model
 
 
