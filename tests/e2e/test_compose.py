@@ -187,6 +187,8 @@ def test_compose_runs_mlflow_on_postgresql_with_proxied_artifacts(compose):
     (destination,) = [a.split("=", 1)[1] for a in mlflow["command"] if a.startswith("--artifacts-destination=")]
     assert any(volume.endswith(f":{destination}") for volume in mlflow["volumes"])
     assert mlflow["environment"]["MLFLOW_BACKEND_STORE_URI"].startswith("postgresql+psycopg://")
+    # Without MLflow's server-side job runners, which nothing here uses (decision 032).
+    assert mlflow["environment"]["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] == "false"
     assert compose["services"]["api"]["environment"]["MLFLOW_TRACKING_URI"] == "http://mlflow:5000"
     assert compose["services"]["api"]["environment"]["LATEST_DB"].startswith("postgresql://")
     init = (DOCKER / "postgres" / "init-databases.sh").read_text()

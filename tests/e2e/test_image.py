@@ -43,7 +43,8 @@ TOKEN = "image-test-token"
 FOREIGN_VARIABLES = {"PATH", "PYTHONDONTWRITEBYTECODE", "PYTHONUNBUFFERED", "MLFLOW_BACKEND_STORE_URI",
                      "MLFLOW_DISABLE_TELEMETRY", "MALLOC_ARENA_MAX",
                      # MLflow's basic-auth server's own (docker/compose.yaml's mlflow service)
-                     "MLFLOW_AUTH_CONFIG_PATH", "MLFLOW_AUTH_ADMIN_PASSWORD", "MLFLOW_FLASK_SERVER_SECRET_KEY"}
+                     "MLFLOW_AUTH_CONFIG_PATH", "MLFLOW_AUTH_ADMIN_PASSWORD", "MLFLOW_FLASK_SERVER_SECRET_KEY",
+                     "MLFLOW_SERVER_ENABLE_JOB_EXECUTION"}
 
 
 @pytest.fixture(scope="module")

@@ -41,6 +41,7 @@ from common.paths import REPO_ROOT
 from common.registry import client, move_to_stage, production_version, stages_api, version_in_stage
 from tests.helpers.image import image_command, image_tree
 from tests.helpers.processes import clean_env, free_port, http_ok, run, start, wait_until
+from tests.helpers.tracking_server import SERVER_ENV
 from training import scenarios
 
 pytestmark = pytest.mark.postgres
@@ -204,7 +205,7 @@ def test_two_services_share_a_tracking_server_and_request_log_through_the_whole_
         server = start("mlflow-server", ["mlflow", "server", "--app-name", "basic-auth", "--backend-store-uri", backend,
                                          "--artifacts-destination", str(tmp_path / "mlartifacts"), "--serve-artifacts",
                                          "--host", "127.0.0.1", "--port", str(mlflow_port), "--workers", "1"],
-                       env=clean_env(MLFLOW_AUTH_CONFIG_PATH=str(AUTH_CONFIG),
+                       env=clean_env(**SERVER_ENV, MLFLOW_AUTH_CONFIG_PATH=str(AUTH_CONFIG),
                                      MLFLOW_AUTH_ADMIN_PASSWORD=secret["admin"],
                                      MLFLOW_FLASK_SERVER_SECRET_KEY=secret["flask"]),
                        cwd=tmp_path, log_dir=tmp_path)
