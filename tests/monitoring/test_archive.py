@@ -1,0 +1,126 @@
+"""The archive job moves old rows with final labels to Parquet, loses none, doubles none, even when killed."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from common.archive import list_batches, read_log
+from common.paths import REPO_ROOT
+from common.store import RequestStore
+from monitoring.archive import STEPS, ArchiveParams, archive
+from tests.helpers.archive import (
+    AFTER_DAYS,
+    DAY,
+    MATURITY_DAYS,
+    NOW,
+    archive_frame,
+    assert_nothing_lost_or_doubled,
+    build_log,
+    copy_sqlite,
+    live_frame,
+)
+
+BATCH_ROWS = 150
+
+
+@pytest.fixture(scope="module")
+def sqlite_log(tmp_path_factory) -> tuple[Path, object]:
+    folder = tmp_path_factory.mktemp("archive-log")
+    path = folder / "requests.db"
+    build_log(str(path))
+    return path, live_frame(str(path))
+
+
+def _params(location: str, folder: Path, **overrides) -> ArchiveParams:
+    values = {"request_log": location, "archive_uri": str(folder), "after_days": AFTER_DAYS,
+              "maturity_days": MATURITY_DAYS, "batch_rows": BATCH_ROWS, "as_of": NOW, **overrides}
+    return ArchiveParams(**values)
+
+
+def _expected_archived(original) -> np.ndarray:
+    final = original["Class"].notna() | (original["ts"] < NOW - MATURITY_DAYS * DAY)
+    return np.sort(original.loc[(original["ts"] < NOW - AFTER_DAYS * DAY) & final, "id"].to_numpy())
+
+
+def _archive_and_check(location: str, folder: Path, original):
+    result = archive(_params(location, folder))
+    archived = assert_nothing_lost_or_doubled(original, location, folder)
+    expected = _expected_archived(original)
+    assert np.array_equal(np.sort(archived["id"].to_numpy()), expected)
+    # Files by month, each in the folder of the month its rows were logged in.
+    for path in folder.rglob("*.parquet"):
+        ts = pq.read_table(path, columns=["ts"]).column("ts").to_numpy()
+        months = {np.datetime64(int(t), "s").astype("datetime64[M]").astype(str) for t in ts}
+        assert months == {path.parent.name.removeprefix("month=")}
+    store = RequestStore(location, create=False)
+    try:
+        assert {b.state for b in list_batches(store.engine)} == {"deleted"}
+    finally:
+        store.dispose()
+    return result
+
+
+def test_round_trip_archives_every_old_final_row_once_with_its_labels(sqlite_log, tmp_path):
+    source, original = sqlite_log
+    location = str(copy_sqlite(source, tmp_path / "requests.db"))
+    folder = tmp_path / "archive"
+    result = _archive_and_check(location, folder, original)
+    assert result.rows_archived == result.rows_deleted == len(_expected_archived(original))
+    unlabelled_young = original[(original["ts"] >= NOW - MATURITY_DAYS * DAY) & original["Class"].isna()
+                                & (original["ts"] < NOW - AFTER_DAYS * DAY)]
+    assert len(unlabelled_young) > 0 and set(unlabelled_young["id"]) <= set(live_frame(location)["id"])
+    files = sorted(folder.rglob("*.parquet"))
+    assert len(files) > 3  # several months and several batches per month
+    again = archive(_params(location, folder))
+    assert (again.rows_archived, again.rows_deleted) == (0, 0)
+    assert sorted(folder.rglob("*.parquet")) == files
+    # Readers see every labelled row once: from the archive and the live log.
+    read = read_log(location, ["Class", "ts"], labelled=True, dtype=np.float64)
+    assert read.sources["archive"] > 0 and read.sources["live"] > 0
+    assert read.values.shape[1] == original["Class"].notna().sum()
+
+
+def test_the_rows_go_back_to_the_filesystem_on_sqlite(sqlite_log, tmp_path):
+    source, _ = sqlite_log
+    location = str(copy_sqlite(source, tmp_path / "requests.db"))
+    result = archive(_params(location, tmp_path / "archive"))
+    assert result.pages_freed > 0
+    assert result.log_bytes_after < result.log_bytes_before
+
+
+@pytest.mark.parametrize("step", STEPS)
+def test_a_run_killed_at_any_step_then_run_again_loses_and_doubles_nothing(sqlite_log, tmp_path, step):
+    source, original = sqlite_log
+    location = str(copy_sqlite(source, tmp_path / "requests.db"))
+    folder = tmp_path / "archive"
+    extra = []
+    if step == "expiring":  # a first run archives; the killed one expires the oldest month's files
+        archive(_params(location, folder))
+        extra = ["--delete_after_days", "50"]
+    command = [sys.executable, "-m", "monitoring.archive", "--request_log", location, "--archive_uri", str(folder),
+               "--after_days", str(AFTER_DAYS), "--maturity_days", str(MATURITY_DAYS),
+               "--batch_rows", str(BATCH_ROWS), "--as_of", str(NOW), "--tracking", "false", *extra]
+    killed = subprocess.run(command, cwd=REPO_ROOT, env={**os.environ, "ARCHIVE_KILL_AT": step},
+                            capture_output=True, text=True, timeout=120)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    if step == "expiring":
+        archive(_params(location, folder, delete_after_days=50.0))
+        store = RequestStore(location, create=False)
+        try:
+            expired = [b for b in list_batches(store.engine) if b.state == "expired"]
+        finally:
+            store.dispose()
+        assert expired and all(b.max_ts < NOW - 50 * DAY for b in expired)
+        assert not any(Path(b.uri).exists() for b in expired)
+        kept = archive_frame(folder)
+        assert len(kept) + sum(b.rows for b in expired) == len(_expected_archived(original))
+        return
+    _archive_and_check(location, folder, original)
