@@ -25,6 +25,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
+import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as ds
@@ -249,6 +250,48 @@ def read_log(location: str, columns: Sequence[str], *, dtype: type = np.float32,
         raise StoreUnavailable(f"request store {describe(location)} cannot be read: {first_line(exc)}") from None
     finally:
         store.dispose()
+
+
+def read_log_frame(location: str, columns: Sequence[str], *, last_n: int | None = None,
+                   since_ts: float | None = None) -> tuple[pd.DataFrame, dict[str, int]]:
+    """`read_log` for columns of any type (model versions, ids): a DataFrame, oldest first, and the
+    rows from each source. `columns` must be columns of the live table.
+
+    Raises:
+        StoreUnavailable: the live log cannot be read.
+    """
+    store = RequestStore(location, create=False)
+    try:
+        batches = list_batches(store.engine, READABLE) if store.has_table() else []
+        pending = [b for b in batches if b.state == "verified"]
+        live = store.read_frame(list(dict.fromkeys([*columns, "id"])), last_n=last_n, since_ts=since_ts)
+        if pending and len(live):
+            live = live[~live["id"].isin(np.concatenate([_file_ids(b) for b in pending]))]
+        live = live[list(columns)]
+        if not batches or (last_n is not None and len(live) >= last_n):
+            return live.reset_index(drop=True), {"live": len(live), "archive": 0}
+        archive = read_archive(batches, columns, since_ts=since_ts)
+        if last_n is not None:
+            archive = archive.slice(max(0, archive.num_rows - (last_n - len(live))))
+        old = archive.select(list(columns)).to_pandas()
+        frame = pd.concat([old, live], ignore_index=True) if len(old) else live.reset_index(drop=True)
+        return frame, {"live": len(live), "archive": archive.num_rows}
+    except sa.exc.DBAPIError as exc:
+        raise StoreUnavailable(f"request store {describe(location)} cannot be read: {first_line(exc)}") from None
+    finally:
+        store.dispose()
+
+
+def count_unlabelled(location: str) -> dict[str, int]:
+    """Rows without a label: {"live": n, "archive": m} (the archive's from its manifest)."""
+    store = RequestStore(location, create=False)
+    try:
+        live = store.count(labelled=False)
+        archived = sum((b.rows or 0) - (b.labelled or 0)
+                       for b in (list_batches(store.engine, ("deleted",)) if store.has_table() else []))
+    finally:
+        store.dispose()
+    return {"live": live, "archive": archived}
 
 
 def _live_has_rows(store: RequestStore, since_ts: float | None, until_ts: float | None) -> bool:

@@ -91,8 +91,10 @@ class FeedbackResult:
 class RequestStore:
     """Access to one `requests` table. Create one per process (engines do not survive fork)."""
 
-    def __init__(self, location: str, *, create: bool = True):
+    def __init__(self, location: str, *, create: bool = True, partitioned: bool = False):
         self.location = location
+        # A new table on PostgreSQL is range-partitioned by month (common/partitions.py): the request log's.
+        self._partitioned = partitioned
         self.url = to_url(location)
         if self.url.startswith("sqlite:///") and create:
             Path(self.url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
@@ -131,6 +133,9 @@ class RequestStore:
         Raises:
             sqlalchemy.exc.DBAPIError: the table could not be created and does not exist.
         """
+        if self._partitioned and self.dialect == "postgresql":
+            self._create_partitioned()
+            return
         try:
             metadata.create_all(self.engine, checkfirst=True)
         except sa.exc.DBAPIError:
@@ -139,6 +144,22 @@ class RequestStore:
                 exists = sa.inspect(self.engine).has_table(requests_table.name)
             if not exists:
                 raise
+        self._add_missing_columns()
+
+    def _create_partitioned(self) -> None:
+        """Create the partitioned table unless a table exists; add this month's and next month's
+        partitions to a partitioned table (a worker opening the log, never a request)."""
+        from common import partitions
+
+        if not self.has_table():
+            try:
+                partitions.create_partitioned(self.engine)
+            except sa.exc.DBAPIError:
+                if not self.has_table():
+                    raise
+        if partitions.is_partitioned(self.engine):
+            now = time.time()
+            partitions.ensure_partitions(self.engine, now, now + 31 * 86_400)
         self._add_missing_columns()
 
     def columns(self) -> set[str]:

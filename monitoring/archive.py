@@ -46,7 +46,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import sqlalchemy as sa
 
-from common import settings
+from common import partitions, settings
 from common.archive import (
     ARCHIVE_SCHEMA,
     Batch,
@@ -126,6 +126,7 @@ class ArchiveResult:
     bytes_written: int
     files_expired: int
     rows_expired: int
+    partitions_dropped: int
     pages_freed: int
     log_bytes_before: int
     log_bytes_after: int
@@ -137,14 +138,6 @@ class ArchiveResult:
 def _kill_point(step: str) -> None:
     if os.environ.get(KILL_AT_VARIABLE) == step:
         os.kill(os.getpid(), signal.SIGKILL)
-
-
-def _month(ts: float) -> tuple[str, float, float]:
-    """('YYYY-MM', month start, next month start) of an epoch time, in UTC."""
-    at = datetime.fromtimestamp(ts, UTC)
-    start = datetime(at.year, at.month, 1, tzinfo=UTC)
-    end = datetime(at.year + at.month // 12, at.month % 12 + 1, 1, tzinfo=UTC)
-    return f"{at.year:04d}-{at.month:02d}", start.timestamp(), end.timestamp()
 
 
 def _final(mature_before: float):
@@ -170,6 +163,8 @@ class Archiver:
         self.now = now
         self.rows_archived = self.rows_deleted = self.bytes_written = 0
         self.files_expired = self.rows_expired = self.batches = 0
+        self.partitions_dropped = 0
+        self.partitioned = partitions.is_partitioned(store.engine)
 
     # --- planning --------------------------------------------------------------------------------
 
@@ -183,7 +178,8 @@ class Archiver:
             first = conn.execute(sa.select(ts).where(*where).order_by(ts).limit(1)).scalar()
             if first is None:
                 return None
-            month, _, month_end = _month(first)
+            suffix, _, month_end = partitions.month_bounds(first)
+            month = suffix.replace("_", "-")
             ts_to = min(month_end, self.cutoff)
             in_range = [ts >= first, ts < ts_to, _final(self.mature_before)]
             # Rows with the (batch_rows + 1)-th time start the next batch; equal times stay together.
@@ -273,9 +269,41 @@ class Archiver:
     def finish(self, batch: Batch) -> None:
         if batch.state == "planned":
             batch = self.write(batch)
-        if batch.state == "verified":
+        if batch.state == "verified" and not self._month_goes_whole(batch):
             self.delete(batch)
         self.batches += 1
+
+    def _month_goes_whole(self, batch: Batch) -> bool:
+        """Whether the batch's month partition will be dropped whole instead of its rows deleted."""
+        return self.partitioned and partitions.month_bounds(batch.ts_from)[2] <= self.cutoff
+
+    def drop_months(self) -> None:
+        """Detach and drop each month partition whose rows are all in verified files; otherwise (rows
+        that are not final yet, or a month without a partition) delete the batches' rows."""
+        waiting: dict[str, list[Batch]] = {}
+        for batch in list_batches(self.store.engine, ("verified",)):
+            waiting.setdefault(partitions.month_bounds(batch.ts_from)[0], []).append(batch)
+        existing = partitions.partitions(self.store.engine) if waiting else {}
+        for suffix, batches in waiting.items():
+            name = f"requests_{suffix}"
+            whole = name in existing and all(b.deleted_through is None for b in batches)
+            if whole:
+                with self.store.engine.begin() as conn:
+                    conn.exec_driver_sql(f'LOCK TABLE "{name}" IN ACCESS EXCLUSIVE MODE')
+                    live = conn.exec_driver_sql(f'SELECT count(*) FROM "{name}"').scalar()  # noqa: S608 - our name
+                    whole = live == sum(b.rows or 0 for b in batches)
+                    if whole:
+                        partitions.drop_partition(conn, name)
+                        conn.execute(archive_batches.update()
+                                     .where(archive_batches.c.batch.in_([b.batch for b in batches]))
+                                     .values(state="deleted", finished_at=time.time()))
+                if whole:
+                    self.rows_deleted += live
+                    self.partitions_dropped += 1
+                    _kill_point("deleted")
+                    continue
+            for batch in batches:
+                self.delete(batch)
 
     def expire(self) -> None:
         """Delete the files of batches whose newest row is older than delete_archive_after_days."""
@@ -307,6 +335,9 @@ class Archiver:
 
     def run(self) -> None:
         create_manifest(self.store.engine)
+        if self.partitioned:
+            partitions.ensure_partitions(self.store.engine, self.now,
+                                         self.now + self.config.partition_days_ahead * DAY)
         for batch in list_batches(self.store.engine, ("planned", "verified")):
             self.finish(batch)
         scan_from = None
@@ -315,6 +346,8 @@ class Archiver:
             _kill_point("planned")
             self.finish(batch)
             scan_from = batch.ts_to
+        if self.partitioned:
+            self.drop_months()
         self.expire()
 
 
@@ -421,8 +454,9 @@ def _log_bytes(store: RequestStore) -> int:
             conn.exec_driver_sql("PRAGMA wal_checkpoint(TRUNCATE)")
         path = Path(store.url.removeprefix("sqlite:///"))
         return sum(p.stat().st_size for p in (path, Path(f"{path}-wal")) if p.exists())
-    with store.engine.connect() as conn:
-        return int(conn.exec_driver_sql("SELECT pg_total_relation_size('requests')").scalar() or 0)
+    with store.engine.connect() as conn:  # a partitioned table's own size is 0: its partitions hold the rows
+        return int(conn.exec_driver_sql("SELECT sum(pg_total_relation_size(relid)) "
+                                        "FROM pg_partition_tree('requests')").scalar() or 0)
 
 
 def _maturity_days() -> float:
@@ -464,8 +498,8 @@ def archive(params: ArchiveParams) -> ArchiveResult:
     finally:
         store.dispose()
     return ArchiveResult(archiver.batches, archiver.rows_archived, archiver.rows_deleted, archiver.bytes_written,
-                         archiver.files_expired, archiver.rows_expired, freed, before, after,
-                         round(time.perf_counter() - started, 3), uri, archiver.cutoff)
+                         archiver.files_expired, archiver.rows_expired, archiver.partitions_dropped, freed, before,
+                         after, round(time.perf_counter() - started, 3), uri, archiver.cutoff)
 
 
 def log_run(result: ArchiveResult, location: str) -> str:
@@ -481,6 +515,7 @@ def log_run(result: ArchiveResult, location: str) -> str:
         metrics={"rows_archived": result.rows_archived, "rows_deleted": result.rows_deleted,
                  "bytes_written": result.bytes_written, "files_expired": result.files_expired,
                  "rows_expired": result.rows_expired, "pages_freed": result.pages_freed,
+                 "partitions_dropped": result.partitions_dropped,
                  "log_bytes_before": result.log_bytes_before, "log_bytes_after": result.log_bytes_after,
                  "bytes_reclaimed": result.log_bytes_before - result.log_bytes_after,
                  "seconds": result.seconds, "batches": result.batches})

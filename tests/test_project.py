@@ -48,7 +48,8 @@ def test_every_requirement_is_in_the_lock_at_the_same_version():
 
 def test_runtime_data_is_ignored_by_git():
     runtime = ["data/requests.db", "data/reference_data.db", "mlflow.db", "mlruns/1/meta.yaml",
-               "drift_result.json", ".api_token", ".venv/bin/python", "data/creditcard.csv"]
+               "drift_result.json", ".api_token", ".venv/bin/python", "data/creditcard.csv",
+               "data/archive/month=2026-01/part-000000000001-000000000002.parquet"]
     result = subprocess.run(["git", "check-ignore", *runtime], cwd=REPO_ROOT, capture_output=True, text=True)
     assert sorted(result.stdout.split()) == sorted(runtime)
     kept = subprocess.run(["git", "check-ignore", "mlruns/.gitkeep", "data/drift_config.json"], cwd=REPO_ROOT,
