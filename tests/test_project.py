@@ -232,3 +232,12 @@ def test_every_relative_link_in_the_docs_resolves():
             if "://" not in target and not (page.parent / target).exists():
                 broken.append(f"{page.relative_to(REPO_ROOT)} -> {target}")
     assert not broken
+
+
+def test_the_pipeline_archives_after_the_checks_and_before_training_through_the_mlproject_entry_point():
+    jobs = yaml.safe_load((REPO_ROOT / ".github" / "workflows" / "mlops.yml").read_text())["jobs"]
+    assert set(jobs["archive"]["needs"]) == {"drift", "performance"}
+    assert "archive" in jobs["retrain"]["needs"]
+    (step,) = [s for s in jobs["archive"]["steps"] if "mlflow run" in s.get("run", "")]
+    assert "mlflow run . -e archive " in step["run"]
+    assert "archive" in yaml.safe_load((REPO_ROOT / "MLproject").read_text())["entry_points"]
