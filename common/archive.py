@@ -129,13 +129,17 @@ def table_digest(table: pa.Table) -> str:
     """
     digest = hashlib.sha256()
     for name in table.column_names:
-        column = table.column(name).combine_chunks() if table.num_rows else table.column(name)
+        column = table.column(name).combine_chunks()
         digest.update(name.encode())
         valid = pc.is_valid(column).to_numpy(zero_copy_only=False)
         digest.update(np.packbits(valid).tobytes())
-        if pa.types.is_string(column.type) or pa.types.is_large_string(column.type):
-            text = "\x1f".join("" if v is None else v for v in column.to_pylist())
-            digest.update(text.encode())
+        if pa.types.is_string(column.type):
+            # Each value's length, then the characters: the offsets and data buffers, rebased.
+            if len(column):
+                offsets = np.frombuffer(column.buffers()[1], dtype=np.int32)[column.offset:
+                                                                            column.offset + len(column) + 1]
+                digest.update(np.diff(offsets).tobytes())
+                digest.update(memoryview(column.buffers()[2])[offsets[0]:offsets[-1]])
         else:
             filled = pc.fill_null(column, 0) if column.null_count else column
             digest.update(np.ascontiguousarray(filled.to_numpy(zero_copy_only=False)).tobytes())

@@ -485,7 +485,8 @@ class RequestStore:
         """Delete the rows with these ids in one short transaction, queued with the log's writers.
 
         Args:
-            ids: row ids (`id`); ids no longer stored are skipped.
+            ids: row ids (`id`); ids no longer stored are skipped. Ids that form a range without
+                gaps are deleted as that range.
             also: a function of the transaction's connection, run in the same transaction (the
                 archive job records its progress with it).
             retries: further attempts after the first when the database is locked or unreachable.
@@ -496,11 +497,16 @@ class RequestStore:
         Raises:
             StoreUnavailable: every attempt failed; nothing was deleted.
         """
-        values = [int(i) for i in ids]
+        values = sorted(int(i) for i in ids)
+        # Ids with no gap between them are a range: one index range, not a lookup per id.
+        contiguous = bool(values) and values[-1] - values[0] + 1 == len(values) == len(set(values))
 
         def attempt(_number: int) -> int:
             with self._write_lock, self.engine.begin() as conn:
-                if self.dialect == "postgresql":
+                if contiguous:
+                    deleted = conn.execute(requests_table.delete().where(requests_table.c.id >= values[0],
+                                                                         requests_table.c.id <= values[-1]))
+                elif self.dialect == "postgresql":
                     deleted = conn.execute(sa.text("DELETE FROM requests WHERE id = ANY(:ids)"), {"ids": values})
                 else:
                     deleted = conn.execute(requests_table.delete().where(requests_table.c.id.in_(values)))
