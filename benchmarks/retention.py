@@ -47,6 +47,7 @@ from benchmarks.storage import DAY_SECONDS, fill
 from common.paths import REPO_ROOT
 
 DAYS, ARCHIVED_DAYS, CLIENTS = 60, 50, 8
+WRK_ROUND_SECONDS = 10
 GOALS = {"archive_seconds": 120.0, "archive_peak_mb": 1024.0, "p99_ratio": 1.5, "load_ratio": 1.3}
 
 
@@ -179,13 +180,19 @@ def measure_store(store: str, location: str, rows: int, workdir: Path, reg, seco
 
         job = threading.Thread(target=archive_job)
         job.start()
-        during = run_wrk(f"{store} while archiving", server.url + "/predict", script, CLIENTS, seconds,
-                         warmup=False)
+        # wrk runs in rounds for as long as the job does; the figure is the worst round's p99.
+        during = [run_wrk(f"{store} while archiving", server.url + "/predict", script, CLIENTS, WRK_ROUND_SECONDS,
+                          warmup=False)]
+        while job.is_alive():
+            during.append(run_wrk(f"{store} while archiving", server.url + "/predict", script, CLIENTS,
+                                  WRK_ROUND_SECONDS, warmup=False))
         job.join()
+    if "result" not in outcome:
+        raise RuntimeError(f"the archive job of the {store} log failed")
     archived, result.archive_seconds, result.archive_peak_mb = outcome["result"]
-    result.p99_alone_ms, result.p99_during_ms = alone.p99_ms, during.p99_ms
-    if result.archive_seconds > seconds:
-        result.notes.append(f"the archive ran {result.archive_seconds:.0f} s, wrk only the first {seconds} s of it")
+    result.p99_alone_ms, result.p99_during_ms = alone.p99_ms, max(r.p99_ms for r in during)
+    result.notes.append(f"p99 while archiving, by {WRK_ROUND_SECONDS} s round: "
+                        + ", ".join(f"{r.p99_ms:.1f}" for r in during) + " ms")
     result.archived_rows = archived["rows_archived"]
     result.bytes_before, result.bytes_after = archived["log_bytes_before"], archived["log_bytes_after"]
     result.archive_bytes = archived["bytes_written"]
@@ -236,7 +243,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rows", type=int, default=1_000_000, help="rows in each log (default 1,000,000)")
     parser.add_argument("--full", action="store_true", help="10,000,000 rows, the issue's size")
     parser.add_argument("--stores", default="sqlite,postgresql", help="sqlite, postgresql or both")
-    parser.add_argument("--seconds", type=int, default=20, help="wrk's measuring time, alone and while archiving")
+    parser.add_argument("--seconds", type=int, default=20, help="wrk's measuring time alone (while archiving: "
+                        f"{WRK_ROUND_SECONDS} s rounds for as long as the job runs)")
     parser.add_argument("--postgres", default=os.environ.get("BENCH_POSTGRES_URL",
                                                              "postgresql://postgres@127.0.0.1:5432/postgres"),
                         help="an admin URL of the PostgreSQL server for a throwaway database")
