@@ -71,7 +71,8 @@ class StoreResult:
 
 
 def tree_rss_mb(pid: int) -> float:
-    """Resident memory of a process and all its descendants, in MB (from /proc)."""
+    """Memory of a process and all its descendants, in MB: the sum of their proportional set sizes
+    (/proc/*/smaps_rollup), so that pages a forked child shares with its parent count once."""
     parents: dict[int, int] = {}
     rss: dict[int, int] = {}
     for entry in os.listdir("/proc"):
@@ -90,7 +91,19 @@ def tree_rss_mb(pid: int) -> float:
         children = [p for p, pp in parents.items() if pp == parent and p not in tree]
         tree.update(children)
         frontier.extend(children)
-    return sum(rss.get(p, 0) for p in tree) / 1e6
+    return sum(_pss(p, rss.get(p, 0)) for p in tree) / 1e6
+
+
+def _pss(pid: int, rss: int) -> int:
+    """A process's proportional set size in bytes (its RSS when smaps_rollup cannot be read)."""
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as smaps:
+            for line in smaps:
+                if line.startswith("Pss:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return rss
 
 
 def run_archive(location: str, folder: Path, after_days: float, env: dict[str, str]) -> tuple[dict, float, float]:

@@ -29,6 +29,7 @@ experiment `data-retention` with rows archived and deleted, bytes and seconds.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import multiprocessing
 import os
@@ -77,10 +78,11 @@ class RetentionConfig:
     archive_uri: str = "data/archive"
     archive_after_days: float = 90.0
     delete_archive_after_days: float | None = None
-    batch_rows: int = 500_000
+    batch_rows: int = 200_000
     delete_chunk_rows: int = 5_000
-    vacuum_pages_per_step: int = 2048
+    vacuum_pages_per_step: int = 1024
     partition_days_ahead: int = 7
+    pause_fraction: float = 1.0
 
     @classmethod
     def load(cls, path: Path) -> RetentionConfig:
@@ -100,6 +102,8 @@ class RetentionConfig:
         if self.delete_archive_after_days is not None and self.delete_archive_after_days < self.archive_after_days:
             raise ArchiveError(f"{where}: delete_archive_after_days ({self.delete_archive_after_days}) must be null "
                                f"or at least archive_after_days ({self.archive_after_days})")
+        if not self.pause_fraction >= 0:
+            raise ArchiveError(f"{where}: pause_fraction must be 0 or more, got {self.pause_fraction}")
         for name in ("batch_rows", "delete_chunk_rows", "vacuum_pages_per_step"):
             if getattr(self, name) < 1:
                 raise ArchiveError(f"{where}: {name} must be at least 1, got {getattr(self, name)}")
@@ -261,11 +265,20 @@ class Archiver:
                 conn.execute(archive_batches.update().where(archive_batches.c.batch == batch.batch)
                              .values(deleted_through=last))
 
-            self.rows_deleted += self.store.delete_ids(part.tolist(), also=progress)
+            with self._taking_turns():
+                self.rows_deleted += self.store.delete_ids(part.tolist(), also=progress)
             _kill_point("deleting")
         batch = self._update(batch, state="deleted", finished_at=time.time())
         _kill_point("deleted")
         return batch
+
+    @contextlib.contextmanager
+    def _taking_turns(self):
+        """Around one write of the job: afterwards, wait `pause_fraction` of the time it took, so that
+        the service's writes (and the WAL's checkpoints) get the log between the job's writes."""
+        started = time.perf_counter()
+        yield
+        time.sleep((time.perf_counter() - started) * self.config.pause_fraction)
 
     def finish(self, batch: Batch) -> None:
         if batch.state == "planned":
@@ -329,7 +342,8 @@ class Archiver:
         """Give SQLite's free pages back a step at a time; the pages freed."""
         freed = 0
         while True:
-            step = self.store.sqlite_free_pages(self.config.vacuum_pages_per_step)
+            with self._taking_turns():
+                step = self.store.sqlite_free_pages(self.config.vacuum_pages_per_step)
             freed += step
             if step < self.config.vacuum_pages_per_step:
                 return freed

@@ -31,6 +31,8 @@ from tests.helpers.archive import (
 )
 
 BATCH_ROWS = 150
+# The shipped config, without the pause between the job's writes that lets a service take turns.
+FAST_CONFIG = REPO_ROOT / "tests" / "helpers" / "retention_config_no_pause.json"
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +45,8 @@ def sqlite_log(tmp_path_factory) -> tuple[Path, object]:
 
 def _params(location: str, folder: Path, **overrides) -> ArchiveParams:
     values = {"request_log": location, "archive_uri": str(folder), "after_days": AFTER_DAYS,
-              "maturity_days": MATURITY_DAYS, "batch_rows": BATCH_ROWS, "as_of": NOW, **overrides}
+              "maturity_days": MATURITY_DAYS, "batch_rows": BATCH_ROWS, "as_of": NOW, "config": str(FAST_CONFIG),
+              **overrides}
     return ArchiveParams(**values)
 
 
@@ -109,7 +112,8 @@ def test_a_run_killed_at_any_step_then_run_again_loses_and_doubles_nothing(sqlit
         extra = ["--delete_after_days", "50"]
     command = [sys.executable, "-m", "monitoring.archive", "--request_log", location, "--archive_uri", str(folder),
                "--after_days", str(AFTER_DAYS), "--maturity_days", str(MATURITY_DAYS),
-               "--batch_rows", str(BATCH_ROWS), "--as_of", str(NOW), "--tracking", "false", *extra]
+               "--batch_rows", str(BATCH_ROWS), "--as_of", str(NOW), "--tracking", "false", "--nice", "0",
+               "--config", str(FAST_CONFIG), *extra]
     killed = subprocess.run(command, cwd=REPO_ROOT, env={**os.environ, "ARCHIVE_KILL_AT": step},
                             capture_output=True, text=True, timeout=120)
     assert killed.returncode == -signal.SIGKILL, killed.stderr
