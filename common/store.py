@@ -151,11 +151,15 @@ class RequestStore:
         partitions to a partitioned table (a worker opening the log, never a request)."""
         from common import partitions
 
-        if not self.has_table():
+        # The driver's errors pass through as create_schema's do (the caller's retries expect them).
+        def exists() -> bool:
+            return sa.inspect(self.engine).has_table(requests_table.name)
+
+        if not exists():
             try:
                 partitions.create_partitioned(self.engine)
             except sa.exc.DBAPIError:
-                if not self.has_table():
+                if not exists():
                     raise
         if partitions.is_partitioned(self.engine):
             now = time.time()
