@@ -9,7 +9,7 @@ import importlib
 import sys
 
 # Each module exposes main(argv) -> int and prints its own table.
-BENCHMARKS = ("generate", "train", "serve", "drift", "loop")
+BENCHMARKS = ("generate", "train", "serve", "drift", "loop", "storage", "retention")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -158,6 +158,12 @@ def performance_config_path() -> Path:
     return Path(_path_or_url(read_str("PERFORMANCE_CONFIG") or str(DATA_DIR / "performance_config.json")))
 
 
+def retention_config_path() -> Path:
+    """RETENTION_CONFIG; the request log's archive location, archive and retention ages, batch sizes
+    (default data/retention_config.json)."""
+    return Path(_path_or_url(read_str("RETENTION_CONFIG") or str(DATA_DIR / "retention_config.json")))
+
+
 def promotion_config_path() -> Path:
     """PROMOTION_CONFIG; the promotion gate's margins and quality floor (default data/promotion_config.json)."""
     return Path(_path_or_url(read_str("PROMOTION_CONFIG") or str(DATA_DIR / "promotion_config.json")))

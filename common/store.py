@@ -92,8 +92,10 @@ class FeedbackResult:
 class RequestStore:
     """Access to one `requests` table. Create one per process (engines do not survive fork)."""
 
-    def __init__(self, location: str, *, create: bool = True):
+    def __init__(self, location: str, *, create: bool = True, partitioned: bool = False):
         self.location = location
+        # A new table on PostgreSQL is range-partitioned by month (common/partitions.py): the request log's.
+        self._partitioned = partitioned
         self.url = to_url(location)
         if self.url.startswith("sqlite:///") and create:
             Path(self.url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
@@ -132,6 +134,9 @@ class RequestStore:
         Raises:
             sqlalchemy.exc.DBAPIError: the table could not be created and does not exist.
         """
+        if self._partitioned and self.dialect == "postgresql":
+            self._create_partitioned()
+            return
         try:
             metadata.create_all(self.engine, checkfirst=True)
         except sa.exc.DBAPIError:
@@ -140,6 +145,26 @@ class RequestStore:
                 exists = sa.inspect(self.engine).has_table(requests_table.name)
             if not exists:
                 raise
+        self._add_missing_columns()
+
+    def _create_partitioned(self) -> None:
+        """Create the partitioned table unless a table exists; add this month's and next month's
+        partitions to a partitioned table (a worker opening the log, never a request)."""
+        from common import partitions
+
+        # The driver's errors pass through as create_schema's do (the caller's retries expect them).
+        def exists() -> bool:
+            return sa.inspect(self.engine).has_table(requests_table.name)
+
+        if not exists():
+            try:
+                partitions.create_partitioned(self.engine)
+            except sa.exc.DBAPIError:
+                if not exists():
+                    raise
+        if partitions.is_partitioned(self.engine):
+            now = time.time()
+            partitions.ensure_partitions(self.engine, now, now + 31 * 86_400)
         self._add_missing_columns()
 
     def columns(self) -> set[str]:
@@ -461,6 +486,66 @@ class RequestStore:
 
         return self._retry(attempt, retries, 0.05)
 
+    def delete_ids(self, ids: Sequence[int], *, also=None, retries: int = 3) -> int:
+        """Delete the rows with these ids in one short transaction, queued with the log's writers.
+
+        Args:
+            ids: row ids (`id`); ids no longer stored are skipped. Ids that form a range without
+                gaps are deleted as that range.
+            also: a function of the transaction's connection, run in the same transaction (the
+                archive job records its progress with it).
+            retries: further attempts after the first when the database is locked or unreachable.
+
+        Returns:
+            The number of rows deleted.
+
+        Raises:
+            StoreUnavailable: every attempt failed; nothing was deleted.
+        """
+        values = sorted(int(i) for i in ids)
+        # Ids with no gap between them are a range: one index range, not a lookup per id.
+        contiguous = bool(values) and values[-1] - values[0] + 1 == len(values) == len(set(values))
+
+        def attempt(_number: int) -> int:
+            with self._write_lock, self.engine.begin() as conn:
+                if contiguous:
+                    deleted = conn.execute(requests_table.delete().where(requests_table.c.id >= values[0],
+                                                                         requests_table.c.id <= values[-1]))
+                elif self.dialect == "postgresql":
+                    deleted = conn.execute(sa.text("DELETE FROM requests WHERE id = ANY(:ids)"), {"ids": values})
+                else:
+                    deleted = conn.execute(requests_table.delete().where(requests_table.c.id.in_(values)))
+                if also is not None:
+                    also(conn)
+            return deleted.rowcount
+
+        return self._retry(attempt, retries, 0.05)
+
+    def sqlite_free_pages(self, pages: int) -> int:
+        """Return up to `pages` free pages of a SQLite file to the filesystem (`PRAGMA
+        incremental_vacuum`), queued with the log's writers so that no write waits long; 0 when the
+        file was created without `auto_vacuum=INCREMENTAL` (see `common.sqlite_writer.apply_pragmas`).
+
+        Returns:
+            The pages freed.
+        """
+        if self.dialect != "sqlite":
+            return 0
+        with self._write_lock:
+            raw = self.engine.raw_connection()
+            try:
+                cursor = raw.dbapi_connection.cursor()
+                if cursor.execute("PRAGMA auto_vacuum").fetchone()[0] != 2:
+                    return 0
+                before = cursor.execute("PRAGMA freelist_count").fetchone()[0]
+                # executescript steps the pragma to its end; execute would free one page per step asked.
+                cursor.executescript(f"PRAGMA incremental_vacuum({int(pages)})")
+                after = cursor.execute("PRAGMA freelist_count").fetchone()[0]
+                cursor.close()
+            finally:
+                raw.close()
+        return before - after
+
     # --- reads -----------------------------------------------------------------------------------
 
     def count(self, *, labelled: bool | None = None) -> int:
@@ -476,13 +561,15 @@ class RequestStore:
             return int(conn.execute(stmt).scalar_one())
 
     def _window(self, columns: Iterable[str], *, labelled: bool | None, last_n: int | None,
-                since_ts: float | None) -> sa.Select:
+                since_ts: float | None, until_ts: float | None = None) -> sa.Select:
         cols = [requests_table.c[name] for name in columns]
         stmt = sa.select(*cols)
         if labelled is True:
             stmt = stmt.where(requests_table.c[LABEL].is_not(None))
         if since_ts is not None:
             stmt = stmt.where(requests_table.c.ts >= since_ts)
+        if until_ts is not None:
+            stmt = stmt.where(requests_table.c.ts < until_ts)
         if last_n is not None:
             if last_n < 1:
                 return stmt.where(sa.false()).order_by(requests_table.c.id)
@@ -492,6 +579,8 @@ class RequestStore:
                           .limit(1).offset(last_n - 1))
             if since_ts is not None:
                 nth_newest = nth_newest.where(requests_table.c.ts >= since_ts)
+            if until_ts is not None:
+                nth_newest = nth_newest.where(requests_table.c.ts < until_ts)
             stmt = stmt.where(requests_table.c.id >= sa.func.coalesce(nth_newest.scalar_subquery(), -1))
         return stmt.order_by(requests_table.c.id)
 
@@ -556,7 +645,7 @@ class RequestStore:
     def read_columns(self, columns: Sequence[str], *, dtype: type = np.float32, chunk_rows: int = 50_000,
                      last_n: int | None = None, since_ts: float | None = None, labelled: bool | None = None,
                      model_version: str | None = None, not_null: Sequence[str] = (),
-                     shard: tuple[int, int] | None = None) -> np.ndarray:
+                     shard: tuple[int, int] | None = None, until_ts: float | None = None) -> np.ndarray:
         """Read a window into one column-major array of shape (len(columns), rows), oldest first.
 
         The fast path for large windows (the drift check): rows go from the driver's cursor (a
@@ -569,6 +658,7 @@ class RequestStore:
             dtype: the array's float type (float32 halves the memory of float64).
             chunk_rows: rows fetched per round trip.
             last_n, since_ts, labelled: the window, as in `read_frame`.
+            until_ts: keep only rows logged before this epoch time.
             model_version: keep only the window's rows scored by this model version.
             not_null: keep only the window's rows where these columns are set.
             shard: (k, n) keeps only the k-th of n contiguous id ranges of the window, so n
@@ -579,7 +669,7 @@ class RequestStore:
         """
         if not self.has_table():
             return np.empty((len(columns), 0), dtype=dtype)
-        stmt = self._window(columns, labelled=labelled, last_n=last_n, since_ts=since_ts)
+        stmt = self._window(columns, labelled=labelled, last_n=last_n, since_ts=since_ts, until_ts=until_ts)
         if model_version is not None:
             stmt = stmt.where(requests_table.c.model_version == str(model_version))
         for name in not_null:

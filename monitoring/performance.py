@@ -50,6 +50,7 @@ from scipy import stats
 from sklearn.metrics import average_precision_score
 
 from common import registry, settings
+from common.archive import read_log_frame
 from common.schema import LABEL
 from common.store import RequestStore, StoreUnavailable, describe
 from common.text import cli_bool, first_line
@@ -255,22 +256,26 @@ def _holdout(mlflow_client, name: str, version: str) -> dict[str, float]:
     return out
 
 
-def _read(request_log: str, last_n: int | None, since_ts: float | None) -> pd.DataFrame:
+def _read(request_log: str, last_n: int | None, since_ts: float | None) -> tuple[pd.DataFrame, dict[str, int]]:
+    """The window from the live log and its archive (common/archive.py), and the rows from each."""
     store = RequestStore(request_log, create=False)
     try:
         present = store.columns()
-        if not present:
-            return pd.DataFrame(columns=list(COLUMNS))
-        wanted = [c for c in COLUMNS if c in present]  # a log from before shadow scoring has no shadow columns
-        frame = store.read_frame(wanted, last_n=last_n, since_ts=since_ts)
     except StoreUnavailable as exc:
         raise PerformanceCheckError(str(exc)) from None
     finally:
         store.dispose()
+    if not present:
+        return pd.DataFrame(columns=list(COLUMNS)), {"live": 0, "archive": 0}
+    wanted = [c for c in COLUMNS if c in present]  # a log from before shadow scoring has no shadow columns
+    try:
+        frame, sources = read_log_frame(request_log, wanted, last_n=last_n, since_ts=since_ts)
+    except StoreUnavailable as exc:
+        raise PerformanceCheckError(str(exc)) from None
     for column in COLUMNS:
         if column not in frame:
             frame[column] = None
-    return frame
+    return frame, sources
 
 
 def measure(frame: pd.DataFrame, as_of: float, config: PerformanceConfig) -> dict:
@@ -327,7 +332,7 @@ def check_performance(params: PerformanceParams) -> PerformanceResult:
     rows = config.default_window_rows if params.window is None else params.window
     if rows < 0:
         raise PerformanceConfigError(f"--window must be 0 (no row limit) or more, got {rows}")
-    frame = _read(request_log, rows or None, since_ts)
+    frame, sources = _read(request_log, rows or None, since_ts)
     by_version = measure(frame, as_of, config)
 
     champion = str(production.version) if production is not None else None
@@ -344,7 +349,7 @@ def check_performance(params: PerformanceParams) -> PerformanceResult:
         "performance_degraded": verdict.status, "reason": verdict.reason, "tests": verdict.tests,
         "model_name": name, "production_version": champion,
         "challenger_version": str(challenger.version) if challenger is not None else None,
-        "as_of": iso(as_of), "window": {"description": window, "rows": len(frame)},
+        "as_of": iso(as_of), "window": {"description": window, "rows": len(frame), "sources": sources},
         "maturity_days": config.maturity_days, "request_log": describe(request_log),
         "versions": {v: {"served": _jsonable(d["served"]), "holdout": _holdout(mlflow_client, name, v),
                          "challengers": {c: _jsonable(f) for c, f in d["challengers"].items()}}

@@ -14,7 +14,9 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 import numpy as np
+import sqlalchemy as sa
 
+from common.archive import READABLE, list_batches, read_log
 from common.store import RequestStore, StoreUnavailable
 
 PARALLEL_MIN_ROWS = 200_000
@@ -104,10 +106,12 @@ class PendingWindow:
     the read. `close()` stops the readers if the result is never collected.
     """
 
-    def __init__(self, jobs: list[tuple], workers: int):
+    def __init__(self, jobs: list[tuple], workers: int, *, archive: bool = False):
         self._jobs = jobs
+        self._archive = archive
         self._pool = multiprocessing.get_context("fork").Pool(workers) if workers > 1 else None
         self._async = self._pool.map_async(_read_shard, jobs) if self._pool else None
+        self.sources: dict[str, int] = {}  # rows read from the live log and from its archive
 
     def result(self) -> np.ndarray:
         """The (len(columns), rows) float32 array.
@@ -116,12 +120,20 @@ class PendingWindow:
             WindowReadError: the request log cannot be read.
         """
         try:
+            if self._archive:
+                location, columns, last_n, since_ts, model_version, not_null, _ = self._jobs[0]
+                read = read_log(location, columns, last_n=last_n, since_ts=since_ts, model_version=model_version,
+                                not_null=not_null)
+                self.sources = read.sources
+                return read.values
             parts = self._async.get() if self._async is not None else [_read_shard(self._jobs[0])]
         except StoreUnavailable as exc:
             raise WindowReadError(str(exc)) from None
         finally:
             self.close()
-        return np.concatenate(parts, axis=1) if len(parts) > 1 else parts[0]
+        values = np.concatenate(parts, axis=1) if len(parts) > 1 else parts[0]
+        self.sources = {"live": int(values.shape[1]), "archive": 0}
+        return values
 
     def close(self) -> None:
         if self._pool is not None:
@@ -139,6 +151,10 @@ def start_reading(location: str, columns: Sequence[str], window: Window, *, mode
     per-value work is the bulk of a million-row check, and it parallelises. Small windows are read
     in this process when the result is asked for.
     """
+    jobs = [(location, list(columns), window.last_n, window.since_ts, model_version, tuple(not_null), None)]
+    if _archive_reaches(location, window.since_ts):
+        # Read in this process when the result is asked for: the live part, then the archive's files.
+        return PendingWindow(jobs, 1, archive=True)
     workers = min(os.cpu_count() or 1, MAX_READERS)
     parallel = workers > 1 and (window.last_n is None or window.last_n >= PARALLEL_MIN_ROWS) \
         and "fork" in multiprocessing.get_all_start_methods()
@@ -146,6 +162,21 @@ def start_reading(location: str, columns: Sequence[str], window: Window, *, mode
     jobs = [(location, list(columns), window.last_n, window.since_ts, model_version, tuple(not_null), shard)
             for shard in shards]
     return PendingWindow(jobs, workers if parallel else 1)
+
+
+def _archive_reaches(location: str, since_ts: float | None) -> bool:
+    """Whether the log's archive (common/archive.py) holds rows logged at or after `since_ts`."""
+    try:
+        store = RequestStore(location, create=False)
+    except sa.exc.ArgumentError:
+        return False
+    try:
+        batches = list_batches(store.engine, READABLE) if store.has_table() else []
+    except (StoreUnavailable, sa.exc.DBAPIError):
+        return False  # the read itself reports the failure
+    finally:
+        store.dispose()
+    return any(since_ts is None or b.max_ts is None or b.max_ts >= since_ts for b in batches)
 
 
 def read_window(location: str, columns: Sequence[str], window: Window, *, model_version: str | None = None,

@@ -86,7 +86,7 @@ class RequestLog:
 
     def _open(self) -> RequestStore:
         # Three attempts, 50 then 100 ms apart: a database that is starting or busy may take the next.
-        return call_with_retries(lambda _number: RequestStore(self.location), retries=2,
+        return call_with_retries(lambda _number: RequestStore(self.location, partitioned=True), retries=2,
                                  wait=tenacity.wait_incrementing(start=0.05, increment=0.05),
                                  failure=f"request log {describe(self.location)} cannot be opened")
 

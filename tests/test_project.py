@@ -48,7 +48,8 @@ def test_every_requirement_is_in_the_lock_at_the_same_version():
 
 def test_runtime_data_is_ignored_by_git():
     runtime = ["data/requests.db", "data/reference_data.db", "mlflow.db", "mlruns/1/meta.yaml",
-               "drift_result.json", ".api_token", ".venv/bin/python", "data/creditcard.csv"]
+               "drift_result.json", ".api_token", ".venv/bin/python", "data/creditcard.csv",
+               "data/archive/month=2026-01/part-000000000001-000000000002.parquet"]
     result = subprocess.run(["git", "check-ignore", *runtime], cwd=REPO_ROOT, capture_output=True, text=True)
     assert sorted(result.stdout.split()) == sorted(runtime)
     kept = subprocess.run(["git", "check-ignore", "mlruns/.gitkeep", "data/drift_config.json"], cwd=REPO_ROOT,
@@ -231,3 +232,12 @@ def test_every_relative_link_in_the_docs_resolves():
             if "://" not in target and not (page.parent / target).exists():
                 broken.append(f"{page.relative_to(REPO_ROOT)} -> {target}")
     assert not broken
+
+
+def test_the_pipeline_archives_after_the_checks_and_before_training_through_the_mlproject_entry_point():
+    jobs = yaml.safe_load((REPO_ROOT / ".github" / "workflows" / "mlops.yml").read_text())["jobs"]
+    assert set(jobs["archive"]["needs"]) == {"drift", "performance"}
+    assert "archive" in jobs["retrain"]["needs"]
+    (step,) = [s for s in jobs["archive"]["steps"] if "mlflow run" in s.get("run", "")]
+    assert "mlflow run . -e archive " in step["run"]
+    assert "archive" in yaml.safe_load((REPO_ROOT / "MLproject").read_text())["entry_points"]

@@ -21,8 +21,9 @@ import numpy as np
 import pandas as pd
 
 from common import settings
+from common.archive import count_unlabelled, read_log
 from common.schema import FEATURES, LABEL
-from common.store import RequestStore, StoreUnavailable, describe
+from common.store import StoreUnavailable, describe
 from common.text import first_line
 from training.params import TrainingError, TrainingRefused, TrainParams
 
@@ -40,6 +41,7 @@ class LabelledData:
     request_unlabelled: int
     sha256: str
     notes: tuple[str, ...] = ()
+    request_archived: int = 0  # of request_labelled, the rows read from the log's archive (common/archive.py)
 
     @property
     def excluded_unlabelled(self) -> int:
@@ -106,22 +108,20 @@ def resolve_sources(params: TrainParams) -> tuple[str, str | None, tuple[str, ..
     return reference, requests, tuple(notes)
 
 
-def _read_labelled(location: str) -> tuple[pd.DataFrame, int]:
+def _read_labelled(location: str) -> tuple[pd.DataFrame, int, int]:
+    """(labelled rows, unlabelled rows, labelled rows read from the archive) of the live log and its archive."""
     import sqlalchemy as sa
 
     columns = (*FEATURES, LABEL, "ts", "label_ts")
-    store = RequestStore(location, create=False)
     try:
-        values = store.read_columns(columns, dtype=np.float64, labelled=True)
-        unlabelled = store.count(labelled=False)
+        read = read_log(location, columns, dtype=np.float64, labelled=True)
+        unlabelled = sum(count_unlabelled(location).values())
     except sa.exc.SQLAlchemyError as exc:
         raise StoreUnavailable(f"cannot read the requests table of {describe(location)}: {first_line(exc)}") from None
-    finally:
-        store.dispose()
-    frame = pd.DataFrame(dict(zip(columns, values, strict=True)))
+    frame = pd.DataFrame(dict(zip(columns, read.values, strict=True)))
     if not frame["ts"].is_monotonic_increasing:
         frame = frame.sort_values("ts", kind="stable", ignore_index=True)
-    return frame, unlabelled
+    return frame, unlabelled, read.sources.get("archive", 0)
 
 
 def load_labelled(reference: str, requests: str | None, notes: tuple[str, ...] = ()) -> LabelledData:
@@ -130,13 +130,13 @@ def load_labelled(reference: str, requests: str | None, notes: tuple[str, ...] =
     Raises:
         common.store.StoreUnavailable: a database cannot be read.
     """
-    ref, ref_unlabelled = _read_labelled(reference)
+    ref, ref_unlabelled, _ = _read_labelled(reference)
     ref["label_ts"] = -np.inf  # the reference's labels came with the data, before any model was trained
     ref["source"] = "reference"
     parts = [ref]
-    req_labelled = req_unlabelled = 0
+    req_labelled = req_unlabelled = req_archived = 0
     if requests is not None:
-        req, req_unlabelled = _read_labelled(requests)
+        req, req_unlabelled, req_archived = _read_labelled(requests)
         req["label_ts"] = req["label_ts"].fillna(-np.inf)
         req["source"] = "requests"
         req_labelled = len(req)
@@ -144,7 +144,7 @@ def load_labelled(reference: str, requests: str | None, notes: tuple[str, ...] =
     frame = pd.concat(parts, ignore_index=True) if len(parts) > 1 else ref
     frame[LABEL] = frame[LABEL].astype(np.int64)
     return LabelledData(frame, reference, requests, len(ref), ref_unlabelled, req_labelled, req_unlabelled,
-                        content_hash(frame), notes)
+                        content_hash(frame), notes, req_archived)
 
 
 def content_hash(frame: pd.DataFrame) -> str:

@@ -153,6 +153,7 @@ def log_inputs(params: TrainParams, data: LabelledData, split: Split, model_name
         "registered_model_name": model_name,
         "reference_rows": data.reference_rows,
         "request_labelled_rows": data.request_labelled,
+        "request_archived_rows": data.request_archived,
         "excluded_unlabelled_rows": data.excluded_unlabelled,
         "data_sha256": data.sha256,
         "threshold_source": "out-of-bag",

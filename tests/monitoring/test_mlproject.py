@@ -1,10 +1,11 @@
-"""The MLproject entry points `drift` and `promote`, run through `mlflow run` as CI runs them."""
+"""The MLproject entry points `drift`, `promote`, `performance` and `archive`, run through `mlflow run`."""
 
 from __future__ import annotations
 
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -59,3 +60,14 @@ def test_drift_then_promote_entry_points_work_with_their_parameters(tmp_path, dr
     assert judged.returncode == 0, judged.stdout[-2000:] + judged.stderr[-3000:]
     verdict = json.loads((tmp_path / "performance_result.json").read_text())
     assert verdict["performance_degraded"] == "inconclusive" and "too few matured frauds" in verdict["reason"]
+
+    # The archive job, its clock 200 days on: every row is old and final (matured), so all 1,000 move
+    # to Parquet, and the run is in experiment data-retention with what it did.
+    archive = str(tmp_path / "archive")
+    later = str(time.time() + 200 * 86_400)
+    archived = _mlflow_run("archive", {"as_of": later, "archive_uri": archive}, env, tmp_path)
+    assert archived.returncode == 0, archived.stdout[-2000:] + archived.stderr[-3000:]
+    runs = client.search_runs([client.get_experiment_by_name("data-retention").experiment_id])
+    assert [run.data.metrics["rows_archived"] for run in runs] == [1_000.0]
+    assert runs[0].data.metrics["rows_deleted"] == 1_000 and runs[0].data.metrics["bytes_written"] > 0
+    assert len(list(Path(archive).rglob("*.parquet"))) >= 1

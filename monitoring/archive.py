@@ -1,0 +1,589 @@
+"""Archive and retention of the request log: old rows with final labels move to Parquet by month.
+
+`python -m monitoring.archive` (or `mlflow run . -e archive`) moves the rows logged more than
+`archive_after_days` ago whose labels are final (labelled through /feedback, or older than the
+performance check's maturity window) from the live `requests` table to Parquet files under
+`archive_uri`, one folder per month, in batches of at most `batch_rows` rows. Each batch goes:
+
+1. planned: its rows (a time range within one month, and the filter) are recorded in the log's
+   `archive_batches` table (common/archive.py);
+2. written: its rows are read from the live log and written to `month=YYYY-MM/part-<first id>-<last
+   id>.parquet`; the file is fsynced (on a local disk) and read back;
+3. verified: the row count and the SHA-256 of the values read back equal those of the rows read
+   from the log; only then is the batch recorded as verified;
+4. deleted: the file's rows are deleted from the live log `delete_chunk_rows` at a time, each chunk
+   in its own short transaction that also records how far the deletes got, so the service's writes
+   keep their turns.
+
+A run that is killed at any point and run again finishes the batches it finds unfinished first: a
+planned batch's file is written again from the rows (none has been deleted yet), a verified batch's
+deletes resume. The file name depends only on the batch, so a rerun overwrites, never adds, and no
+row is lost or stored twice (tests/monitoring/test_archive.py kills a run with SIGKILL at each step).
+
+Files older than `delete_archive_after_days` (off by default) are deleted, batch by batch, after the
+manifest says so. SQLite gives the freed pages back to the filesystem (`PRAGMA incremental_vacuum`,
+a few pages at a time); PostgreSQL leaves them to autovacuum. Each run is an MLflow run in
+experiment `data-retention` with rows archived and deleted, bytes and seconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import multiprocessing
+import os
+import signal
+import sys
+import time
+from dataclasses import asdict, dataclass, fields, replace
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+import sqlalchemy as sa
+
+from common import partitions, settings
+from common.archive import (
+    ARCHIVE_SCHEMA,
+    Batch,
+    archive_batches,
+    create_manifest,
+    list_batches,
+    open_location,
+    table_digest,
+)
+from common.schema import LABEL
+from common.store import RequestStore, StoreUnavailable, describe, requests_table
+from common.text import first_line
+
+EXPERIMENT = "data-retention"
+DAY = 86_400.0
+ROW_GROUP_ROWS = 100_000
+# Test hook: the run kills itself with SIGKILL when it reaches this step (tests/monitoring/test_archive.py).
+KILL_AT_VARIABLE = "ARCHIVE_KILL_AT"
+STEPS = ("planned", "writing", "written", "read_back", "verified", "deleting", "deleted", "expiring")
+
+
+class ArchiveError(RuntimeError):
+    """The archive job cannot run, or a file did not read back as written (nothing was deleted)."""
+
+
+@dataclass(frozen=True)
+class RetentionConfig:
+    archive_uri: str = "data/archive"
+    archive_after_days: float = 90.0
+    delete_archive_after_days: float | None = None
+    batch_rows: int = 200_000
+    delete_chunk_rows: int = 5_000
+    vacuum_pages_per_step: int = 1024
+    partition_days_ahead: int = 7
+    pause_fraction: float = 1.0
+
+    @classmethod
+    def load(cls, path: Path) -> RetentionConfig:
+        """Raises ArchiveError for a missing file, unknown keys or bad values."""
+        try:
+            raw = json.loads(Path(path).read_text())
+        except (OSError, ValueError) as exc:
+            raise ArchiveError(f"retention config {path} cannot be read: {first_line(exc)}") from None
+        unknown = set(raw) - {f.name for f in fields(cls)}
+        if unknown:
+            raise ArchiveError(f"retention config {path} has unknown keys {sorted(unknown)}")
+        return cls(**raw).validated(str(path))
+
+    def validated(self, where: str) -> RetentionConfig:
+        if not self.archive_after_days > 0:
+            raise ArchiveError(f"{where}: archive_after_days must be > 0, got {self.archive_after_days}")
+        if self.delete_archive_after_days is not None and self.delete_archive_after_days < self.archive_after_days:
+            raise ArchiveError(f"{where}: delete_archive_after_days ({self.delete_archive_after_days}) must be null "
+                               f"or at least archive_after_days ({self.archive_after_days})")
+        if not self.pause_fraction >= 0:
+            raise ArchiveError(f"{where}: pause_fraction must be 0 or more, got {self.pause_fraction}")
+        for name in ("batch_rows", "delete_chunk_rows", "vacuum_pages_per_step"):
+            if getattr(self, name) < 1:
+                raise ArchiveError(f"{where}: {name} must be at least 1, got {getattr(self, name)}")
+        return self
+
+
+@dataclass(frozen=True)
+class ArchiveParams:
+    request_log: str | None = None  # None: LATEST_DB
+    archive_uri: str | None = None  # None: the config's
+    after_days: float | None = None
+    delete_after_days: float | None = None
+    batch_rows: int | None = None
+    maturity_days: float | None = None  # None: the performance config's
+    as_of: float | None = None  # the clock (epoch seconds); None: now
+    config: str | None = None
+
+
+@dataclass(frozen=True)
+class ArchiveResult:
+    batches: int
+    rows_archived: int
+    rows_deleted: int
+    bytes_written: int
+    files_expired: int
+    rows_expired: int
+    partitions_dropped: int
+    pages_freed: int
+    log_bytes_before: int
+    log_bytes_after: int
+    seconds: float
+    archive_uri: str
+    cutoff: float
+
+
+def _kill_point(step: str) -> None:
+    if os.environ.get(KILL_AT_VARIABLE) == step:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _final(mature_before: float):
+    """Rows whose labels are final: labelled, or logged before the maturity window began."""
+    return sa.or_(requests_table.c[LABEL].is_not(None), requests_table.c.ts < mature_before)
+
+
+def _batch_filter(batch: Batch):
+    return sa.and_(requests_table.c.ts >= batch.ts_from, requests_table.c.ts < batch.ts_to,
+                   _final(batch.mature_before))
+
+
+class Archiver:
+    """One run over one request log; `run()` does the work."""
+
+    def __init__(self, store: RequestStore, config: RetentionConfig, archive_uri: str, cutoff: float,
+                 mature_before: float, now: float):
+        self.store = store
+        self.config = config
+        self.archive_uri = archive_uri.rstrip("/")
+        self.cutoff = cutoff
+        self.mature_before = mature_before
+        self.now = now
+        self.rows_archived = self.rows_deleted = self.bytes_written = 0
+        self.files_expired = self.rows_expired = self.batches = 0
+        self.partitions_dropped = 0
+        self.partitioned = partitions.is_partitioned(store.engine)
+
+    # --- planning --------------------------------------------------------------------------------
+
+    def plan_next(self, scan_from: float | None) -> Batch | None:
+        """The next batch: the oldest final rows before the cutoff, within one month, at most batch_rows."""
+        ts = requests_table.c.ts
+        where = [ts < self.cutoff, _final(self.mature_before)]
+        if scan_from is not None:
+            where.append(ts >= scan_from)
+        with self.store.engine.connect() as conn:
+            first = conn.execute(sa.select(ts).where(*where).order_by(ts).limit(1)).scalar()
+            if first is None:
+                return None
+            suffix, _, month_end = partitions.month_bounds(first)
+            month = suffix.replace("_", "-")
+            ts_to = min(month_end, self.cutoff)
+            in_range = [ts >= first, ts < ts_to, _final(self.mature_before)]
+            # Rows with the (batch_rows + 1)-th time start the next batch; equal times stay together.
+            after = conn.execute(sa.select(ts).where(*in_range).order_by(ts).limit(1)
+                                 .offset(self.config.batch_rows)).scalar()
+            if after is not None and after > first:
+                ts_to = after
+            low, high = conn.execute(sa.select(sa.func.min(requests_table.c.id), sa.func.max(requests_table.c.id))
+                                     .where(ts >= first, ts < ts_to, _final(self.mature_before))).one()
+        name = f"{month}/{low:012d}-{high:012d}"
+        uri = f"{self.archive_uri}/month={month}/part-{low:012d}-{high:012d}.parquet"
+        return Batch(batch=name, month=month, first_id=int(low), last_id=int(high), ts_from=first, ts_to=ts_to,
+                     mature_before=self.mature_before, uri=uri, state="planned", planned_at=time.time())
+
+    def _record(self, batch: Batch) -> None:
+        with self.store.engine.begin() as conn:
+            conn.execute(archive_batches.insert().values(**asdict(batch)))
+
+    def _update(self, batch: Batch, **values) -> Batch:
+        with self.store.engine.begin() as conn:
+            conn.execute(archive_batches.update().where(archive_batches.c.batch == batch.batch).values(**values))
+        return replace(batch, **values)
+
+    # --- the steps -------------------------------------------------------------------------------
+
+    def read_rows(self, batch: Batch) -> pa.Table:
+        """The batch's rows from the live log, every column, in time order, typed as ARCHIVE_SCHEMA."""
+        present = self.store.columns()
+        names = [f.name for f in ARCHIVE_SCHEMA if f.name in present]
+        # In `ts` order, the index's own: ordering by id would sort the batch in a temporary B-tree.
+        stmt = (sa.select(*(requests_table.c[n] for n in names)).where(_batch_filter(batch))
+                .order_by(requests_table.c.ts))
+        # Numbers only (times and ids), rendered by SQLAlchemy's own quoting.
+        sql = str(stmt.compile(dialect=self.store.engine.dialect, compile_kwargs={"literal_binds": True}))
+        if self.store.dialect == "sqlite":
+            table = _in_child(_sqlite_arrow, self.store.url.removeprefix("sqlite:///"), sql, names)
+        else:
+            table = _postgresql_arrow(self.store, sql, names)
+        for field in ARCHIVE_SCHEMA:  # a log from before shadow scoring lacks the shadow columns
+            if field.name not in table.column_names:
+                table = table.append_column(field, pa.nulls(table.num_rows, field.type))
+        return table.select(ARCHIVE_SCHEMA.names).cast(ARCHIVE_SCHEMA)
+
+    def write(self, batch: Batch) -> Batch:
+        rows = self.read_rows(batch)
+        digest = table_digest(rows)
+        fs, path = open_location(batch.uri)
+        fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+        _write_parquet(fs, path, rows)
+        _kill_point("written")
+        back = pq.read_table(path, filesystem=fs, schema=ARCHIVE_SCHEMA)
+        _kill_point("read_back")
+        if back.num_rows != rows.num_rows or table_digest(back) != digest:
+            raise ArchiveError(f"{batch.uri} read back {back.num_rows} rows (digest {table_digest(back)[:12]}) for "
+                               f"{rows.num_rows} written (digest {digest[:12]}); no row was deleted")
+        ts = rows.column("ts")
+        size = fs.get_file_info(path).size
+        batch = self._update(batch, state="verified", rows=rows.num_rows, sha256=digest, bytes=size,
+                             labelled=rows.num_rows - rows.column(LABEL).null_count,
+                             min_ts=pc.min(ts).as_py() if rows.num_rows else None,
+                             max_ts=pc.max(ts).as_py() if rows.num_rows else None)
+        self.rows_archived += rows.num_rows
+        self.bytes_written += size
+        _kill_point("verified")
+        return batch
+
+    def delete(self, batch: Batch) -> Batch:
+        fs, path = open_location(batch.uri)
+        ids = np.sort(pq.read_table(path, filesystem=fs, columns=["id"]).column("id").to_numpy())
+        done = batch.deleted_through
+        if done is not None:
+            ids = ids[ids > done]
+        chunk = self.config.delete_chunk_rows
+        for start in range(0, len(ids), chunk):
+            part = ids[start:start + chunk]
+            last = int(part[-1])
+
+            def progress(conn, last=last):
+                conn.execute(archive_batches.update().where(archive_batches.c.batch == batch.batch)
+                             .values(deleted_through=last))
+
+            with self._taking_turns():
+                self.rows_deleted += self.store.delete_ids(part.tolist(), also=progress)
+            _kill_point("deleting")
+        batch = self._update(batch, state="deleted", finished_at=time.time())
+        _kill_point("deleted")
+        return batch
+
+    @contextlib.contextmanager
+    def _taking_turns(self):
+        """Around one write of the job: afterwards, wait `pause_fraction` of the time it took, so that
+        the service's writes (and the WAL's checkpoints) get the log between the job's writes."""
+        started = time.perf_counter()
+        yield
+        time.sleep((time.perf_counter() - started) * self.config.pause_fraction)
+
+    def finish(self, batch: Batch) -> None:
+        if batch.state == "planned":
+            batch = self.write(batch)
+        if batch.state == "verified" and not self._month_goes_whole(batch):
+            self.delete(batch)
+        self.batches += 1
+
+    def _month_goes_whole(self, batch: Batch) -> bool:
+        """Whether the batch's month partition will be dropped whole instead of its rows deleted."""
+        return self.partitioned and partitions.month_bounds(batch.ts_from)[2] <= self.cutoff
+
+    def drop_months(self) -> None:
+        """Detach and drop each month partition whose rows are all in verified files; otherwise (rows
+        that are not final yet, or a month without a partition) delete the batches' rows."""
+        waiting: dict[str, list[Batch]] = {}
+        for batch in list_batches(self.store.engine, ("verified",)):
+            waiting.setdefault(partitions.month_bounds(batch.ts_from)[0], []).append(batch)
+        existing = partitions.partitions(self.store.engine) if waiting else {}
+        for suffix, batches in waiting.items():
+            name = f"requests_{suffix}"
+            whole = name in existing and all(b.deleted_through is None for b in batches)
+            if whole:
+                with self.store.engine.begin() as conn:
+                    conn.exec_driver_sql(f'LOCK TABLE "{name}" IN ACCESS EXCLUSIVE MODE')
+                    live = conn.exec_driver_sql(f'SELECT count(*) FROM "{name}"').scalar()  # noqa: S608 - our name
+                    whole = live == sum(b.rows or 0 for b in batches)
+                    if whole:
+                        partitions.drop_partition(conn, name)
+                        conn.execute(archive_batches.update()
+                                     .where(archive_batches.c.batch.in_([b.batch for b in batches]))
+                                     .values(state="deleted", finished_at=time.time()))
+                if whole:
+                    self.rows_deleted += live
+                    self.partitions_dropped += 1
+                    _kill_point("deleted")
+                    continue
+            for batch in batches:
+                self.delete(batch)
+
+    def expire(self) -> None:
+        """Delete the files of batches whose newest row is older than delete_archive_after_days."""
+        days = self.config.delete_archive_after_days
+        if days is None:
+            return
+        before = self.now - days * DAY
+        for batch in list_batches(self.store.engine, ("deleted", "expiring")):
+            if batch.max_ts is None or batch.max_ts >= before:
+                continue
+            # Readers skip the batch from here on, so a file deleted next is never looked for.
+            batch = self._update(batch, state="expiring")
+            _kill_point("expiring")
+            fs, path = open_location(batch.uri)
+            if fs.get_file_info(path).type != pafs.FileType.NotFound:
+                fs.delete_file(path)
+            self._update(batch, state="expired", finished_at=time.time())
+            self.files_expired += 1
+            self.rows_expired += batch.rows or 0
+
+    def reclaim(self) -> int:
+        """Give SQLite's free pages back a step at a time; the pages freed."""
+        freed = 0
+        while True:
+            with self._taking_turns():
+                step = self.store.sqlite_free_pages(self.config.vacuum_pages_per_step)
+            freed += step
+            if step < self.config.vacuum_pages_per_step:
+                return freed
+
+    def run(self) -> None:
+        create_manifest(self.store.engine)
+        if self.partitioned:
+            partitions.ensure_partitions(self.store.engine, self.now,
+                                         self.now + self.config.partition_days_ahead * DAY)
+        for batch in list_batches(self.store.engine, ("planned", "verified")):
+            self.finish(batch)
+        scan_from = None
+        while (batch := self.plan_next(scan_from)) is not None:
+            self._record(batch)
+            _kill_point("planned")
+            self.finish(batch)
+            scan_from = batch.ts_to
+        if self.partitioned:
+            self.drop_months()
+        self.expire()
+
+
+def _write_parquet(fs: pafs.FileSystem, path: str, table: pa.Table) -> None:
+    """Write the file, and on a local disk fsync it and its folder before returning.
+
+    An object store's upload is durable once its close returns; a local file only after fsync.
+    """
+    local = isinstance(fs, pafs.LocalFileSystem)
+    sink = open(path, "wb") if local else fs.open_output_stream(path)
+    try:
+        with pq.ParquetWriter(sink, ARCHIVE_SCHEMA, compression="lz4") as writer:
+            for start in range(0, max(table.num_rows, 1), ROW_GROUP_ROWS):
+                writer.write_table(table.slice(start, ROW_GROUP_ROWS))
+                _kill_point("writing")
+        if local:
+            sink.flush()
+            os.fsync(sink.fileno())
+    finally:
+        sink.close()
+    if local:
+        folder = os.open(os.path.dirname(path), os.O_RDONLY)
+        try:
+            os.fsync(folder)
+        finally:
+            os.close(folder)
+
+
+def _in_child(function, *args):
+    """`function(*args)` in a forked process that lives only as long as the call.
+
+    For the ADBC SQLite driver: it carries its own SQLite library, and two libraries on one file in
+    one process release each other's POSIX locks (the other's next statement fails with "disk I/O
+    error"). A child that outlived a killed job would hold the file; this one ends with its call.
+    """
+    context = multiprocessing.get_context("fork")
+    receive, send = context.Pipe(duplex=False)
+
+    def run() -> None:
+        try:
+            send.send((True, function(*args)))
+        except Exception as exc:  # handed to the parent, which raises it
+            send.send((False, exc))
+
+    child = context.Process(target=run, daemon=True)
+    child.start()
+    send.close()
+    try:
+        ok, value = receive.recv()
+    except EOFError:
+        raise ArchiveError(f"the reader process died (exit code {child.exitcode})") from None
+    finally:
+        receive.close()
+        child.join()
+    if not ok:
+        raise value
+    return value
+
+
+def _sqlite_arrow(path: str, sql: str, names: list[str]) -> pa.Table:
+    """Run a query through the ADBC SQLite driver into an Arrow table.
+
+    The driver types each column from the first rows it sees, so a column that starts with NULLs
+    and later holds numbers would fail: a first row of typed literals, dropped after, fixes the types.
+    """
+    import adbc_driver_sqlite.dbapi as adbc_sqlite
+
+    literals = []
+    for name in names:
+        kind = ARCHIVE_SCHEMA.field(name).type
+        literal = "''" if pa.types.is_string(kind) else ("0" if pa.types.is_integer(kind) else "0.0")
+        literals.append(f'{literal} AS "{name}"')
+    typed = f"SELECT {', '.join(literals)} UNION ALL SELECT * FROM ({sql})"  # noqa: S608 - literals only
+    with adbc_sqlite.connect(path) as conn, conn.cursor() as cursor:
+        cursor.execute(typed)
+        table = cursor.fetch_arrow_table()
+    return table.slice(1).rename_columns(names)
+
+
+def _postgresql_arrow(store: RequestStore, sql: str, names: list[str]) -> pa.Table:
+    """Run a query through the ADBC PostgreSQL driver, which reads the rows by binary COPY into Arrow in C."""
+    import adbc_driver_postgresql.dbapi as adbc_postgresql
+
+    uri = sa.make_url(store.url).set(drivername="postgresql").render_as_string(hide_password=False)
+    with adbc_postgresql.connect(uri) as conn, conn.cursor() as cursor:
+        cursor.execute(sql)
+        table = cursor.fetch_arrow_table()
+    return table.rename_columns(names)
+
+
+def _log_bytes(store: RequestStore) -> int:
+    """The live log's size on disk: the SQLite file and its WAL, or the PostgreSQL table with indexes."""
+    if store.dialect == "sqlite":
+        with store.engine.connect() as conn:  # the WAL's pages back into the file, and the WAL emptied
+            conn.exec_driver_sql("PRAGMA wal_checkpoint(TRUNCATE)")
+        path = Path(store.url.removeprefix("sqlite:///"))
+        return sum(p.stat().st_size for p in (path, Path(f"{path}-wal")) if p.exists())
+    with store.engine.connect() as conn:  # a partitioned table's own size is 0: its partitions hold the rows
+        return int(conn.exec_driver_sql("SELECT sum(pg_total_relation_size(relid)) "
+                                        "FROM pg_partition_tree('requests')").scalar() or 0)
+
+
+def _maturity_days() -> float:
+    from monitoring.performance import PerformanceConfig
+
+    return PerformanceConfig.load(settings.performance_config_path()).maturity_days
+
+
+def archive(params: ArchiveParams) -> ArchiveResult:
+    """Archive the request log's old final rows, expire old archive files, and reclaim the space.
+
+    Raises:
+        ArchiveError: bad configuration, or a file that did not read back as written.
+        StoreUnavailable: the request log cannot be reached.
+    """
+    started = time.perf_counter()
+    config = RetentionConfig.load(Path(params.config) if params.config else settings.retention_config_path())
+    overrides = {k: v for k, v in (("archive_after_days", params.after_days),
+                                    ("delete_archive_after_days", params.delete_after_days),
+                                    ("batch_rows", params.batch_rows)) if v is not None}
+    config = replace(config, **overrides).validated("arguments") if overrides else config
+    location = params.request_log or settings.request_log_url()
+    if "://" not in location and not Path(location).is_file():
+        raise ArchiveError(f"request log {location} does not exist (LATEST_DB): nothing to archive")
+    uri = params.archive_uri or config.archive_uri
+    if "://" not in uri:
+        uri = str(Path(uri).expanduser().resolve())
+    now = time.time() if params.as_of is None else params.as_of
+    maturity = _maturity_days() if params.maturity_days is None else params.maturity_days
+    store = RequestStore(location, create=False)
+    try:
+        if not store.has_table():
+            raise ArchiveError(f"request log {describe(location)} has no requests table: nothing to archive")
+        before = _log_bytes(store)
+        archiver = Archiver(store, config, uri, now - config.archive_after_days * DAY, now - maturity * DAY, now)
+        archiver.run()
+        freed = archiver.reclaim()
+        after = _log_bytes(store)
+    finally:
+        store.dispose()
+    return ArchiveResult(archiver.batches, archiver.rows_archived, archiver.rows_deleted, archiver.bytes_written,
+                         archiver.files_expired, archiver.rows_expired, archiver.partitions_dropped, freed, before,
+                         after, round(time.perf_counter() - started, 3), uri, archiver.cutoff)
+
+
+def log_run(result: ArchiveResult, location: str) -> str:
+    """Record a run in experiment `data-retention`; returns its id."""
+    from common import registry
+    from monitoring.runs import log, start_run
+
+    client = registry.client()
+    run_id = start_run(client, EXPERIMENT, f"archive · {result.rows_archived:,} rows · {result.batches} batches")
+    log(client, run_id,
+        params={"request_log": describe(location), "archive_uri": result.archive_uri,
+                "cutoff": datetime.fromtimestamp(result.cutoff, UTC).isoformat(timespec="seconds")},
+        metrics={"rows_archived": result.rows_archived, "rows_deleted": result.rows_deleted,
+                 "bytes_written": result.bytes_written, "files_expired": result.files_expired,
+                 "rows_expired": result.rows_expired, "pages_freed": result.pages_freed,
+                 "partitions_dropped": result.partitions_dropped,
+                 "log_bytes_before": result.log_bytes_before, "log_bytes_after": result.log_bytes_after,
+                 "bytes_reclaimed": result.log_bytes_before - result.log_bytes_after,
+                 "seconds": result.seconds, "batches": result.batches})
+    client.set_terminated(run_id, "FINISHED")
+    return run_id
+
+
+def build_parser() -> argparse.ArgumentParser:
+    def optional(kind):
+        def parse(text: str):
+            return None if str(text).strip() == "" else kind(text)
+        parse.__name__ = kind.__name__
+        return parse
+
+    parser = argparse.ArgumentParser(prog="python -m monitoring.archive", description=__doc__.splitlines()[0],
+                                     epilog="exit codes: 0 done, 2 bad arguments or config, 1 the job could not run")
+    add = parser.add_argument
+    add("--request_log", "--request-log", default=None, help="the live log (default LATEST_DB)")
+    add("--archive_uri", "--archive-uri", type=optional(str), default=None,
+        help="where the Parquet files go: a path or any pyarrow filesystem URI (default: the config's)")
+    add("--after_days", "--after-days", type=optional(float), default=None,
+        help="archive rows older than this many days (default: the config's archive_after_days)")
+    add("--delete_after_days", "--delete-after-days", type=optional(float), default=None,
+        help="delete archived files whose rows are older than this (default: the config's; null is off)")
+    add("--batch_rows", "--batch-rows", type=optional(int), default=None, help="rows per file at most")
+    add("--maturity_days", "--maturity-days", type=optional(float), default=None,
+        help="unlabelled rows older than this are final (default: the performance config's maturity_days)")
+    add("--as_of", "--as-of", type=optional(str), default=None, help="the clock: epoch or ISO-8601 (default now)")
+    add("--config", default=None, help="retention config (default RETENTION_CONFIG)")
+    add("--tracking", default="true", choices=("true", "false"), help="log an MLflow run (default true)")
+    add("--nice", type=int, default=10,
+        help="lower the job's CPU priority by this much, so that a service on the same machine comes first")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from monitoring.window import parse_time
+
+    if args.nice:
+        os.nice(args.nice)  # background work: the service's requests on the same cores come first
+
+    try:
+        as_of = None if args.as_of is None else parse_time(args.as_of, "--as-of")
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    params = ArchiveParams(args.request_log, args.archive_uri, args.after_days, args.delete_after_days,
+                           args.batch_rows, args.maturity_days, as_of, args.config)
+    try:
+        result = archive(params)
+    except ArchiveError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2 if "config" in str(exc) or "must be" in str(exc) else 1
+    except StoreUnavailable as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(json.dumps(asdict(result), indent=2))
+    if args.tracking == "true":
+        log_run(result, params.request_log or settings.request_log_url())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
