@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import logging
 import math
 import sqlite3
 import sys
@@ -31,6 +32,8 @@ from common.schema import FEATURES, LABEL
 from common.sqlite_writer import Checkpointer, WriterLock, apply_pragmas
 from common.text import first_line
 from common.thread_connections import ThreadConnections
+
+log = logging.getLogger(__name__)
 
 metadata = sa.MetaData()
 requests_table = sa.Table(
@@ -164,7 +167,15 @@ class RequestStore:
                     raise
         if partitions.is_partitioned(self.engine):
             now = time.time()
-            partitions.ensure_partitions(self.engine, now, now + 31 * 86_400)
+            try:
+                partitions.ensure_partitions(self.engine, now, now + 31 * 86_400)
+            except sa.exc.ProgrammingError as exc:
+                # A role that may not create tables (the service's, docker/postgres/roles.sql): the
+                # default partition takes the rows of a month nobody created, and the archive job,
+                # run as the tables' owner, creates the months ahead.
+                log.warning("request log %s: cannot create the coming months' partitions (%s); rows of a "
+                            "month without one go to %s until the archive job, as the tables' owner, creates it",
+                            describe(self.url), first_line(exc.orig or exc), partitions.DEFAULT)
         self._add_missing_columns()
 
     def columns(self) -> set[str]:

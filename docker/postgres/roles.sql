@@ -43,7 +43,8 @@ GRANT USAGE ON SEQUENCE requests_id_seq TO :"service_role";
 -- Training, the drift and performance checks and the gate read the log (the gate's lock is an
 -- advisory lock, which needs no grant).
 GRANT SELECT ON TABLE requests TO :"pipeline_role";
--- The archive job (issue 23, retention) reads the rows it archives and deletes them.
+-- The archive job on an unpartitioned log reads the rows it archives and deletes them. On a partitioned
+-- log it creates and drops partitions, which only the owner may: there it runs as the owner.
 GRANT SELECT, DELETE ON TABLE requests TO :"archive_role";
 
 -- The reference data: read by the pipeline only; written by its owner (`python -m training.import_csv`).

@@ -222,3 +222,38 @@ def test_drift_and_performance_windows_span_the_live_log_and_the_archive(archive
     # A window the live log fills alone reads nothing from the archive.
     pending = start_reading(location, ["V1"], Window(last_n=10, since_ts=None, description=""))
     assert pending.result().shape == (1, 10) and pending.sources == {"live": 10, "archive": 0}
+
+
+def test_a_role_that_cannot_create_partitions_still_opens_and_writes_the_partitioned_log(postgres_url, caplog):
+    """The service's role (docker/postgres/roles.sql) may not create tables. A month whose partition
+    nobody created yet must not keep it from opening the log: the default partition takes the rows."""
+    import uuid
+
+    import psycopg
+
+    owner = RequestStore(postgres_url, partitioned=True)
+    role = f"t_service_{uuid.uuid4().hex[:8]}"
+    try:
+        month_ahead = [name for name in partitions.partitions(owner.engine) if name != partitions.DEFAULT][-1]
+        with psycopg.connect(postgres_url, autocommit=True) as conn:
+            conn.execute(f'DROP TABLE "{month_ahead}"')  # the coming month: nobody created it yet
+            conn.execute(f'CREATE ROLE "{role}" LOGIN')
+            conn.execute(f'REVOKE CREATE ON SCHEMA public FROM PUBLIC, "{role}"')
+            conn.execute(f'GRANT USAGE ON SCHEMA public TO "{role}"')
+            conn.execute(f'GRANT SELECT, INSERT ON requests TO "{role}"')
+            conn.execute(f'GRANT USAGE ON SEQUENCE requests_id_seq TO "{role}"')
+        as_role = postgres_url.replace("://postgres@", f"://{role}@", 1)
+        assert as_role != postgres_url
+        store = RequestStore(as_role, partitioned=True)
+        try:
+            assert "cannot create the coming months' partitions" in caplog.text
+            fill(store, 5, NOW, NOW + DAY)
+            assert len(live_frame(postgres_url)) == 5
+        finally:
+            store.dispose()
+        assert month_ahead not in partitions.partitions(owner.engine)  # the role created nothing
+    finally:
+        owner.dispose()
+        with psycopg.connect(postgres_url, autocommit=True) as conn:
+            conn.execute(f'DROP OWNED BY "{role}"')
+            conn.execute(f'DROP ROLE IF EXISTS "{role}"')
