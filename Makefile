@@ -12,13 +12,12 @@ export HOST PORT MLFLOW_DISABLE_TELEMETRY
 
 .PHONY: venv run test bench wrk prometheus chromium screenshots lint ui data model reliability mlflow-users postgres-roles
 
-# The venv is rebuilt only when a pin changes: the stamp depends on the pin files. No bytecode at
-# install: half of pip's time, for modules mostly never imported; Python writes it on first import
-# (docs/decisions/032-suite-time.md).
+# The venv is rebuilt only when a pin changes: the stamp depends on the pin files. pip compiles the
+# bytecode: with PYTHONDONTWRITEBYTECODE set, as on our machines, nothing else would, and every
+# process would compile what it imports again (docs/decisions/032-suite-time.md).
 $(STAMP): requirements.txt requirements-dev.txt constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --disable-pip-version-check --no-compile -r requirements.txt -r requirements-dev.txt \
-	  -c constraints.txt
+	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements.txt -r requirements-dev.txt -c constraints.txt
 	touch $(STAMP)
 
 venv: $(STAMP)
