@@ -111,7 +111,8 @@ class RequestStore:
         sqlite_file = self.url.removeprefix("sqlite:///") if self.url.startswith("sqlite:///") else None
         on_disk = bool(sqlite_file) and sqlite_file != ":memory:"
         self._write_lock = WriterLock(Path(sqlite_file + "-lock")) if on_disk else contextlib.nullcontext()
-        # Only insert_values (the request log's hot path) hands its checkpoints to the thread.
+        # Every write hands its checkpoints to the thread: one inside a commit would hold the writers'
+        # lock while it copies the WAL (decision 003); the archive job's deletes write the most.
         self._checkpointer = (Checkpointer(sqlite_file, self._write_lock, self._detached_connection) if on_disk
                               else None)
         # insert_values' statements by (columns, rows per statement or "copy"), built once each.
@@ -119,6 +120,9 @@ class RequestStore:
         self._writers = ThreadConnections(self._detached_connection, self._prepare_writer)
         if self.engine.dialect.name == "sqlite":
             sa.event.listen(self.engine, "connect", apply_pragmas)
+        if self._checkpointer is not None:
+            sa.event.listen(self.engine, "connect", lambda dbapi_connection, _record:
+                            Checkpointer.take_over(dbapi_connection))
         if create:
             self.create_schema()
 
@@ -371,8 +375,7 @@ class RequestStore:
                 if number > 1 and isinstance(error, sa.exc.IntegrityError) and self._holds_exactly(key, rows):
                     return len(rows)
                 raise error from exc
-            if self._checkpointer is not None:
-                self._checkpointer.committed()
+            self._committed()
             return len(rows)
 
         return self._retry(attempt, retries, backoff)
@@ -493,9 +496,15 @@ class RequestStore:
                         .values({LABEL: sa.bindparam("label"), "label_ts": sa.bindparam("now")}),
                         updates,
                     )
+            self._committed()
             return FeedbackResult([rid for rid in ids if rid in known], [rid for rid in ids if rid not in known])
 
         return self._retry(attempt, retries, 0.05)
+
+    def _committed(self) -> None:
+        """A write committed: the checkpoint thread takes it from here (SQLite on disk)."""
+        if self._checkpointer is not None:
+            self._checkpointer.committed()
 
     def delete_ids(self, ids: Sequence[int], *, also=None, retries: int = 3) -> int:
         """Delete the rows with these ids in one short transaction, queued with the log's writers.
@@ -528,17 +537,18 @@ class RequestStore:
                     deleted = conn.execute(requests_table.delete().where(requests_table.c.id.in_(values)))
                 if also is not None:
                     also(conn)
+            self._committed()
             return deleted.rowcount
 
         return self._retry(attempt, retries, 0.05)
 
-    def sqlite_free_pages(self, pages: int) -> int:
-        """Return up to `pages` free pages of a SQLite file to the filesystem (`PRAGMA
-        incremental_vacuum`), queued with the log's writers so that no write waits long; 0 when the
-        file was created without `auto_vacuum=INCREMENTAL` (see `common.sqlite_writer.apply_pragmas`).
+    def sqlite_vacuum(self) -> int:
+        """Rewrite a SQLite file without its free pages (`VACUUM`), holding the writers' lock for
+        the whole rewrite: writes wait for it, and fail as on a busy database after the busy timeout.
+        A job for a quiet hour (docs/decisions/033-sqlite-reclaim-off-hours.md); 0 on PostgreSQL.
 
         Returns:
-            The pages freed.
+            The pages the file gave back.
         """
         if self.dialect != "sqlite":
             return 0
@@ -546,15 +556,13 @@ class RequestStore:
             raw = self.engine.raw_connection()
             try:
                 cursor = raw.dbapi_connection.cursor()
-                if cursor.execute("PRAGMA auto_vacuum").fetchone()[0] != 2:
-                    return 0
-                before = cursor.execute("PRAGMA freelist_count").fetchone()[0]
-                # executescript steps the pragma to its end; execute would free one page per step asked.
-                cursor.executescript(f"PRAGMA incremental_vacuum({int(pages)})")
-                after = cursor.execute("PRAGMA freelist_count").fetchone()[0]
+                before = cursor.execute("PRAGMA page_count").fetchone()[0]
+                cursor.execute("VACUUM")
+                after = cursor.execute("PRAGMA page_count").fetchone()[0]
                 cursor.close()
             finally:
                 raw.close()
+        self._committed()
         return before - after
 
     # --- reads -----------------------------------------------------------------------------------

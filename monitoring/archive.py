@@ -21,8 +21,9 @@ deletes resume. The file name depends only on the batch, so a rerun overwrites, 
 row is lost or stored twice (tests/monitoring/test_archive.py kills a run with SIGKILL at each step).
 
 Files older than `delete_archive_after_days` (off by default) are deleted, batch by batch, after the
-manifest says so. SQLite gives the freed pages back to the filesystem (`PRAGMA incremental_vacuum`,
-a few pages at a time); PostgreSQL leaves them to autovacuum. Each run is an MLflow run in
+manifest says so. On SQLite the deleted rows' pages stay in the file for new rows; `--reclaim only`,
+at a quiet hour, gives them back to the filesystem (`VACUUM`). PostgreSQL drops whole months and
+leaves the rest to autovacuum. Each run is an MLflow run in
 experiment `data-retention` with rows archived and deleted, bytes and seconds.
 """
 
@@ -30,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import ctypes
 import json
 import multiprocessing
 import os
@@ -66,7 +68,12 @@ DAY = 86_400.0
 ROW_GROUP_ROWS = 100_000
 # Test hook: the run kills itself with SIGKILL when it reaches this step (tests/monitoring/test_archive.py).
 KILL_AT_VARIABLE = "ARCHIVE_KILL_AT"
+_IN_CHILD = False  # set in the child processes of _Child
 STEPS = ("planned", "writing", "written", "read_back", "verified", "deleting", "deleted", "expiring")
+# Where a run's time goes, reported by step: ArchiveResult.seconds_by_step, and the MLflow run's metrics.
+# Each is the time of the process that did it; a batch is written while the one before is checked, so
+# the steps can add up to more than the run.
+TIMED_STEPS = ("plan", "read", "write", "verify", "delete", "drop", "reclaim", "pause")
 
 
 class ArchiveError(RuntimeError):
@@ -80,9 +87,9 @@ class RetentionConfig:
     delete_archive_after_days: float | None = None
     batch_rows: int = 200_000
     delete_chunk_rows: int = 5_000
-    vacuum_pages_per_step: int = 1024
     partition_days_ahead: int = 7
     pause_fraction: float = 1.0
+    reclaim_after_archive: bool = False
 
     @classmethod
     def load(cls, path: Path) -> RetentionConfig:
@@ -104,7 +111,10 @@ class RetentionConfig:
                                f"or at least archive_after_days ({self.archive_after_days})")
         if not self.pause_fraction >= 0:
             raise ArchiveError(f"{where}: pause_fraction must be 0 or more, got {self.pause_fraction}")
-        for name in ("batch_rows", "delete_chunk_rows", "vacuum_pages_per_step"):
+        if not isinstance(self.reclaim_after_archive, bool):
+            raise ArchiveError(f"{where}: reclaim_after_archive must be true or false, "
+                               f"got {self.reclaim_after_archive!r}")
+        for name in ("batch_rows", "delete_chunk_rows"):
             if getattr(self, name) < 1:
                 raise ArchiveError(f"{where}: {name} must be at least 1, got {getattr(self, name)}")
         return self
@@ -120,6 +130,8 @@ class ArchiveParams:
     maturity_days: float | None = None  # None: the performance config's
     as_of: float | None = None  # the clock (epoch seconds); None: now
     config: str | None = None
+    reclaim: str = "config"  # "config": as reclaim_after_archive says; "only": reclaim, archive nothing
+    priority: str = "normal"  # the CPU priority of the job's reading and writing (PRIORITIES)
 
 
 @dataclass(frozen=True)
@@ -137,29 +149,37 @@ class ArchiveResult:
     seconds: float
     archive_uri: str
     cutoff: float
+    seconds_by_step: dict[str, float]
 
 
 def _kill_point(step: str) -> None:
     if os.environ.get(KILL_AT_VARIABLE) == step:
+        if _IN_CHILD:  # the job itself dies, as a kill -9 of it would leave its child's work
+            os.kill(os.getppid(), signal.SIGKILL)
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-def _final(mature_before: float):
-    """Rows whose labels are final: labelled, or logged before the maturity window began."""
+def _final(mature_before: float, before: float):
+    """Rows logged before `before` whose labels are final: labelled, or logged before the maturity
+    window began. When every such row is past it (the default config: the archive age is the
+    maturity window), the condition is left out, so that the `ts` index alone answers a range."""
+    if before <= mature_before:
+        return sa.true()
     return sa.or_(requests_table.c[LABEL].is_not(None), requests_table.c.ts < mature_before)
 
 
 def _batch_filter(batch: Batch):
     return sa.and_(requests_table.c.ts >= batch.ts_from, requests_table.c.ts < batch.ts_to,
-                   _final(batch.mature_before))
+                   _final(batch.mature_before, batch.ts_to))
 
 
 class Archiver:
     """One run over one request log; `run()` does the work."""
 
     def __init__(self, store: RequestStore, config: RetentionConfig, archive_uri: str, cutoff: float,
-                 mature_before: float, now: float):
+                 mature_before: float, now: float, priority: str = "normal"):
         self.store = store
+        self.priority = priority
         self.config = config
         self.archive_uri = archive_uri.rstrip("/")
         self.cutoff = cutoff
@@ -169,13 +189,22 @@ class Archiver:
         self.files_expired = self.rows_expired = self.batches = 0
         self.partitions_dropped = 0
         self.partitioned = partitions.is_partitioned(store.engine)
+        self.seconds = dict.fromkeys(TIMED_STEPS, 0.0)
+
+    @contextlib.contextmanager
+    def _timed(self, step: str):
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[step] += time.perf_counter() - started
 
     # --- planning --------------------------------------------------------------------------------
 
     def plan_next(self, scan_from: float | None) -> Batch | None:
         """The next batch: the oldest final rows before the cutoff, within one month, at most batch_rows."""
         ts = requests_table.c.ts
-        where = [ts < self.cutoff, _final(self.mature_before)]
+        where = [ts < self.cutoff, _final(self.mature_before, self.cutoff)]
         if scan_from is not None:
             where.append(ts >= scan_from)
         with self.store.engine.connect() as conn:
@@ -185,14 +214,14 @@ class Archiver:
             suffix, _, month_end = partitions.month_bounds(first)
             month = suffix.replace("_", "-")
             ts_to = min(month_end, self.cutoff)
-            in_range = [ts >= first, ts < ts_to, _final(self.mature_before)]
+            in_range = [ts >= first, ts < ts_to, _final(self.mature_before, ts_to)]
             # Rows with the (batch_rows + 1)-th time start the next batch; equal times stay together.
             after = conn.execute(sa.select(ts).where(*in_range).order_by(ts).limit(1)
                                  .offset(self.config.batch_rows)).scalar()
             if after is not None and after > first:
                 ts_to = after
             low, high = conn.execute(sa.select(sa.func.min(requests_table.c.id), sa.func.max(requests_table.c.id))
-                                     .where(ts >= first, ts < ts_to, _final(self.mature_before))).one()
+                                     .where(ts >= first, ts < ts_to, _final(self.mature_before, ts_to))).one()
         name = f"{month}/{low:012d}-{high:012d}"
         uri = f"{self.archive_uri}/month={month}/part-{low:012d}-{high:012d}.parquet"
         return Batch(batch=name, month=month, first_id=int(low), last_id=int(high), ts_from=first, ts_to=ts_to,
@@ -209,44 +238,49 @@ class Archiver:
 
     # --- the steps -------------------------------------------------------------------------------
 
-    def read_rows(self, batch: Batch) -> pa.Table:
-        """The batch's rows from the live log, every column, in time order, typed as ARCHIVE_SCHEMA."""
+    def batch_query(self, batch: Batch) -> tuple[str, list[str]]:
+        """The SQL that reads the batch's rows from the live log in time order, and its columns."""
         present = self.store.columns()
         names = [f.name for f in ARCHIVE_SCHEMA if f.name in present]
         # In `ts` order, the index's own: ordering by id would sort the batch in a temporary B-tree.
         stmt = (sa.select(*(requests_table.c[n] for n in names)).where(_batch_filter(batch))
                 .order_by(requests_table.c.ts))
         # Numbers only (times and ids), rendered by SQLAlchemy's own quoting.
-        sql = str(stmt.compile(dialect=self.store.engine.dialect, compile_kwargs={"literal_binds": True}))
-        if self.store.dialect == "sqlite":
-            table = _in_child(_sqlite_arrow, self.store.url.removeprefix("sqlite:///"), sql, names)
-        else:
-            table = _postgresql_arrow(self.store, sql, names)
-        for field in ARCHIVE_SCHEMA:  # a log from before shadow scoring lacks the shadow columns
-            if field.name not in table.column_names:
-                table = table.append_column(field, pa.nulls(table.num_rows, field.type))
-        return table.select(ARCHIVE_SCHEMA.names).cast(ARCHIVE_SCHEMA)
+        return str(stmt.compile(dialect=self.store.engine.dialect, compile_kwargs={"literal_binds": True})), names
+
+    # Reading, writing and reading back run in child processes at the job's CPU priority; this
+    # process keeps its own for the deletes, which hold the writers' lock. A batch's file is written
+    # while the batch before it is checked and deleted (docs/decisions/034-archive-work-in-low-priority-children.md).
+
+    def start_write(self, batch: Batch) -> _Child:
+        """Start writing a planned batch's file in a child process."""
+        sql, names = self.batch_query(batch)
+        return _Child(self.priority, _write_batch, self.store.dialect, self.store.url, sql, names, batch.uri)
+
+    def written(self, writing: _Child) -> WrittenFile:
+        """Wait for a child started by start_write; what it wrote."""
+        written = writing.result()
+        self.seconds["read"] += written.read_seconds
+        self.seconds["write"] += written.write_seconds
+        _kill_point("written")
+        return written
 
     def write(self, batch: Batch) -> Batch:
-        rows = self.read_rows(batch)
-        digest = table_digest(rows)
-        fs, path = open_location(batch.uri)
-        fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
-        _write_parquet(fs, path, rows)
-        _kill_point("written")
-        back = pq.read_table(path, filesystem=fs, schema=ARCHIVE_SCHEMA)
+        """Write the batch's file and check it; the batch, verified."""
+        return self.verify(batch, self.written(self.start_write(batch)))
+
+    def verify(self, batch: Batch, written: WrittenFile) -> Batch:
+        """Read the file back in another child; record the batch as verified when it holds what was written."""
+        with self._timed("verify"):
+            back_rows, back_digest = _Child(self.priority, _file_digest, batch.uri).result()
         _kill_point("read_back")
-        if back.num_rows != rows.num_rows or table_digest(back) != digest:
-            raise ArchiveError(f"{batch.uri} read back {back.num_rows} rows (digest {table_digest(back)[:12]}) for "
-                               f"{rows.num_rows} written (digest {digest[:12]}); no row was deleted")
-        ts = rows.column("ts")
-        size = fs.get_file_info(path).size
-        batch = self._update(batch, state="verified", rows=rows.num_rows, sha256=digest, bytes=size,
-                             labelled=rows.num_rows - rows.column(LABEL).null_count,
-                             min_ts=pc.min(ts).as_py() if rows.num_rows else None,
-                             max_ts=pc.max(ts).as_py() if rows.num_rows else None)
-        self.rows_archived += rows.num_rows
-        self.bytes_written += size
+        if back_rows != written.rows or back_digest != written.digest:
+            raise ArchiveError(f"{batch.uri} read back {back_rows} rows (digest {back_digest[:12]}) for "
+                               f"{written.rows} written (digest {written.digest[:12]}); no row was deleted")
+        batch = self._update(batch, state="verified", rows=written.rows, sha256=written.digest, bytes=written.bytes,
+                             labelled=written.labelled, min_ts=written.min_ts, max_ts=written.max_ts)
+        self.rows_archived += written.rows
+        self.bytes_written += written.bytes
         _kill_point("verified")
         return batch
 
@@ -265,7 +299,7 @@ class Archiver:
                 conn.execute(archive_batches.update().where(archive_batches.c.batch == batch.batch)
                              .values(deleted_through=last))
 
-            with self._taking_turns():
+            with self._taking_turns("delete"):
                 self.rows_deleted += self.store.delete_ids(part.tolist(), also=progress)
             _kill_point("deleting")
         batch = self._update(batch, state="deleted", finished_at=time.time())
@@ -273,16 +307,21 @@ class Archiver:
         return batch
 
     @contextlib.contextmanager
-    def _taking_turns(self):
+    def _taking_turns(self, step: str):
         """Around one write of the job: afterwards, wait `pause_fraction` of the time it took, so that
         the service's writes (and the WAL's checkpoints) get the log between the job's writes."""
         started = time.perf_counter()
         yield
-        time.sleep((time.perf_counter() - started) * self.config.pause_fraction)
+        took = time.perf_counter() - started
+        self.seconds[step] += took
+        with self._timed("pause"):
+            time.sleep(took * self.config.pause_fraction)
 
-    def finish(self, batch: Batch) -> None:
+    def finish(self, batch: Batch, written: WrittenFile | None = None) -> None:
+        """Take a batch to its end: its file written (unless `written` says what a child wrote) and
+        verified, then its rows deleted (unless its month partition goes whole)."""
         if batch.state == "planned":
-            batch = self.write(batch)
+            batch = self.write(batch) if written is None else self.verify(batch, written)
         if batch.state == "verified" and not self._month_goes_whole(batch):
             self.delete(batch)
         self.batches += 1
@@ -302,7 +341,7 @@ class Archiver:
             name = f"requests_{suffix}"
             whole = name in existing and all(b.deleted_through is None for b in batches)
             if whole:
-                with self.store.engine.begin() as conn:
+                with self._timed("drop"), self.store.engine.begin() as conn:
                     conn.exec_driver_sql(f'LOCK TABLE "{name}" IN ACCESS EXCLUSIVE MODE')
                     live = conn.exec_driver_sql(f'SELECT count(*) FROM "{name}"').scalar()  # noqa: S608 - our name
                     whole = live == sum(b.rows or 0 for b in batches)
@@ -339,14 +378,9 @@ class Archiver:
             self.rows_expired += batch.rows or 0
 
     def reclaim(self) -> int:
-        """Give SQLite's free pages back a step at a time; the pages freed."""
-        freed = 0
-        while True:
-            with self._taking_turns():
-                step = self.store.sqlite_free_pages(self.config.vacuum_pages_per_step)
-            freed += step
-            if step < self.config.vacuum_pages_per_step:
-                return freed
+        """Give a SQLite file's free pages back to the filesystem; the pages freed."""
+        with self._timed("reclaim"):
+            return self.store.sqlite_vacuum()
 
     def run(self) -> None:
         create_manifest(self.store.engine)
@@ -355,15 +389,68 @@ class Archiver:
                                          self.now + self.config.partition_days_ahead * DAY)
         for batch in list_batches(self.store.engine, ("planned", "verified")):
             self.finish(batch)
-        scan_from = None
-        while (batch := self.plan_next(scan_from)) is not None:
-            self._record(batch)
-            _kill_point("planned")
-            self.finish(batch)
-            scan_from = batch.ts_to
+        # A two-stage pipeline: the next batch's file is written in a child while this process
+        # checks the batch before it (in another child) and deletes its rows.
+        scan_from, pending = None, None  # pending: (a planned batch, the child writing its file)
+        while True:
+            with self._timed("plan"):
+                batch = self.plan_next(scan_from)
+            done = None if pending is None else (pending[0], self.written(pending[1]))
+            pending = None
+            if batch is not None:
+                self._record(batch)
+                _kill_point("planned")
+                pending = (batch, self.start_write(batch))
+                scan_from = batch.ts_to
+            if done is not None:
+                self.finish(*done)
+            if pending is None:
+                break
         if self.partitioned:
             self.drop_months()
         self.expire()
+
+
+@dataclass(frozen=True)
+class WrittenFile:
+    """What a child process wrote: the facts the batch records, and the digest to check it against."""
+    rows: int
+    digest: str
+    bytes: int
+    labelled: int
+    min_ts: float | None
+    max_ts: float | None
+    read_seconds: float
+    write_seconds: float
+
+
+def _write_batch(dialect: str, url: str, sql: str, names: list[str], uri: str) -> WrittenFile:
+    """Read a batch's rows from the live log (ADBC, into Arrow) and write them to `uri`, durably."""
+    started = time.perf_counter()
+    if dialect == "sqlite":
+        table = _sqlite_arrow(url.removeprefix("sqlite:///"), sql, names)
+    else:
+        table = _postgresql_arrow(url, sql, names)
+    read_seconds = time.perf_counter() - started
+    for field in ARCHIVE_SCHEMA:  # a log from before shadow scoring lacks the shadow columns
+        if field.name not in table.column_names:
+            table = table.append_column(field, pa.nulls(table.num_rows, field.type))
+    table = table.select(ARCHIVE_SCHEMA.names).cast(ARCHIVE_SCHEMA)
+    digest = table_digest(table)
+    fs, path = open_location(uri)
+    fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+    _write_parquet(fs, path, table)
+    ts, rows = table.column("ts"), table.num_rows
+    return WrittenFile(rows, digest, fs.get_file_info(path).size, rows - table.column(LABEL).null_count,
+                       pc.min(ts).as_py() if rows else None, pc.max(ts).as_py() if rows else None, read_seconds,
+                       time.perf_counter() - started - read_seconds)
+
+
+def _file_digest(uri: str) -> tuple[int, str]:
+    """(rows, digest) of a file as read back, in a process that did not write it."""
+    fs, path = open_location(uri)
+    back = pq.read_table(path, filesystem=fs, schema=ARCHIVE_SCHEMA)
+    return back.num_rows, table_digest(back)
 
 
 def _write_parquet(fs: pafs.FileSystem, path: str, table: pa.Table) -> None:
@@ -391,35 +478,57 @@ def _write_parquet(fs: pafs.FileSystem, path: str, table: pa.Table) -> None:
             os.close(folder)
 
 
-def _in_child(function, *args):
-    """`function(*args)` in a forked process that lives only as long as the call.
+class _Child:
+    """`function(*args)` in a forked process at CPU `priority`; `result()` waits for it.
 
-    For the ADBC SQLite driver: it carries its own SQLite library, and two libraries on one file in
-    one process release each other's POSIX locks (the other's next statement fails with "disk I/O
-    error"). A child that outlived a killed job would hold the file; this one ends with its call.
+    The job's heavy work runs there: at a lower priority than the process that takes the writers'
+    lock, and, for the ADBC SQLite driver, apart from it: the driver carries its own SQLite library,
+    and two libraries on one file in one process release each other's POSIX locks (the other's next
+    statement fails with "disk I/O error"). The child dies with the job: one that outlived a killed
+    job could go on writing a file that the next run writes too.
     """
-    context = multiprocessing.get_context("fork")
-    receive, send = context.Pipe(duplex=False)
 
-    def run() -> None:
+    def __init__(self, priority: str, function, *args):
+        context = multiprocessing.get_context("fork")
+        self._receive, send = context.Pipe(duplex=False)
+        parent = os.getpid()
+
+        def run() -> None:
+            global _IN_CHILD
+            _IN_CHILD = True
+            _die_with(parent)
+            try:
+                lower_priority(priority)
+                send.send((True, function(*args)))
+            except Exception as exc:  # as text: a driver's exception may not survive pickling
+                send.send((False, f"{type(exc).__name__}: {first_line(exc)}"))
+
+        self._process = context.Process(target=run, daemon=True)
+        self._process.start()
+        send.close()
+
+    def result(self):
+        """The function's value. Raises ArchiveError when it raised, or the process died."""
         try:
-            send.send((True, function(*args)))
-        except Exception as exc:  # handed to the parent, which raises it
-            send.send((False, exc))
+            ok, value = self._receive.recv()
+        except EOFError:
+            raise ArchiveError(f"the archive's child process died (exit code {self._process.exitcode})") from None
+        finally:
+            self._receive.close()
+            self._process.join()
+        if not ok:
+            raise ArchiveError(f"the archive's child process failed: {value}")
+        return value
 
-    child = context.Process(target=run, daemon=True)
-    child.start()
-    send.close()
+
+def _die_with(parent: int) -> None:
+    """Have the kernel kill this process when its parent dies (Linux's PR_SET_PDEATHSIG)."""
     try:
-        ok, value = receive.recv()
-    except EOFError:
-        raise ArchiveError(f"the reader process died (exit code {child.exitcode})") from None
-    finally:
-        receive.close()
-        child.join()
-    if not ok:
-        raise value
-    return value
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)
+    except (OSError, AttributeError):  # not Linux: the child ends with its call, as before
+        return
+    if os.getppid() != parent:  # the parent died before the request took effect
+        os._exit(1)
 
 
 def _sqlite_arrow(path: str, sql: str, names: list[str]) -> pa.Table:
@@ -442,11 +551,11 @@ def _sqlite_arrow(path: str, sql: str, names: list[str]) -> pa.Table:
     return table.slice(1).rename_columns(names)
 
 
-def _postgresql_arrow(store: RequestStore, sql: str, names: list[str]) -> pa.Table:
+def _postgresql_arrow(url: str, sql: str, names: list[str]) -> pa.Table:
     """Run a query through the ADBC PostgreSQL driver, which reads the rows by binary COPY into Arrow in C."""
     import adbc_driver_postgresql.dbapi as adbc_postgresql
 
-    uri = sa.make_url(store.url).set(drivername="postgresql").render_as_string(hide_password=False)
+    uri = sa.make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
     with adbc_postgresql.connect(uri) as conn, conn.cursor() as cursor:
         cursor.execute(sql)
         table = cursor.fetch_arrow_table()
@@ -497,15 +606,20 @@ def archive(params: ArchiveParams) -> ArchiveResult:
         if not store.has_table():
             raise ArchiveError(f"request log {describe(location)} has no requests table: nothing to archive")
         before = _log_bytes(store)
-        archiver = Archiver(store, config, uri, now - config.archive_after_days * DAY, now - maturity * DAY, now)
-        archiver.run()
-        freed = archiver.reclaim()
+        archiver = Archiver(store, config, uri, now - config.archive_after_days * DAY, now - maturity * DAY, now,
+                            params.priority)
+        if params.reclaim != "only":
+            archiver.run()
+        # Giving pages back rewrites the file under the writers' lock: a quiet hour's job
+        # (docs/decisions/033-sqlite-reclaim-off-hours.md).
+        freed = archiver.reclaim() if params.reclaim == "only" or config.reclaim_after_archive else 0
         after = _log_bytes(store)
     finally:
         store.dispose()
     return ArchiveResult(archiver.batches, archiver.rows_archived, archiver.rows_deleted, archiver.bytes_written,
                          archiver.files_expired, archiver.rows_expired, archiver.partitions_dropped, freed, before,
-                         after, round(time.perf_counter() - started, 3), uri, archiver.cutoff)
+                         after, round(time.perf_counter() - started, 3), uri, archiver.cutoff,
+                         {step: round(value, 3) for step, value in archiver.seconds.items()})
 
 
 def log_run(result: ArchiveResult, location: str) -> str:
@@ -524,9 +638,29 @@ def log_run(result: ArchiveResult, location: str) -> str:
                  "partitions_dropped": result.partitions_dropped,
                  "log_bytes_before": result.log_bytes_before, "log_bytes_after": result.log_bytes_after,
                  "bytes_reclaimed": result.log_bytes_before - result.log_bytes_after,
-                 "seconds": result.seconds, "batches": result.batches})
+                 "seconds": result.seconds, "batches": result.batches,
+                 **{f"seconds_{step}": value for step, value in result.seconds_by_step.items()}})
     client.set_terminated(run_id, "FINISHED")
     return run_id
+
+
+PRIORITIES = ("idle", "low", "normal")
+
+
+def lower_priority(priority: str) -> str:
+    """Make this process background work, so that a service on the same cores comes first
+    (docs/decisions/034-archive-work-in-low-priority-children.md); returns what was applied."""
+    if priority == "idle":
+        try:
+            os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+            return "SCHED_IDLE"
+        except (AttributeError, OSError):  # not Linux, or refused: the lowest nice instead
+            os.nice(19)
+            return "nice 19"
+    if priority == "low":
+        os.nice(10)
+        return "nice 10"
+    return "normal"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -551,9 +685,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="unlabelled rows older than this are final (default: the performance config's maturity_days)")
     add("--as_of", "--as-of", type=optional(str), default=None, help="the clock: epoch or ISO-8601 (default now)")
     add("--config", default=None, help="retention config (default RETENTION_CONFIG)")
+    add("--reclaim", default="config", choices=("config", "only"),
+        help="SQLite: give the free pages of deleted rows back to the filesystem; 'config': after the "
+             "archive when the config's reclaim_after_archive is true (default false: new rows reuse them); "
+             "'only': do that and nothing else, for a quiet hour (it stalls the service's writes)")
     add("--tracking", default="true", choices=("true", "false"), help="log an MLflow run (default true)")
-    add("--nice", type=int, default=10,
-        help="lower the job's CPU priority by this much, so that a service on the same machine comes first")
+    add("--priority", default="idle", choices=PRIORITIES,
+        help="CPU priority of the job's reading, writing and reading back (child processes): 'idle' "
+             "(default) runs only on a CPU the service leaves idle (SCHED_IDLE; nice 19 where that is "
+             "unavailable), 'low' is nice 10, 'normal' leaves it. The deletes keep normal priority: "
+             "they hold the writers' lock, which must not wait for a CPU")
     return parser
 
 
@@ -561,8 +702,6 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from monitoring.window import parse_time
 
-    if args.nice:
-        os.nice(args.nice)  # background work: the service's requests on the same cores come first
 
     try:
         as_of = None if args.as_of is None else parse_time(args.as_of, "--as-of")
@@ -570,7 +709,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     params = ArchiveParams(args.request_log, args.archive_uri, args.after_days, args.delete_after_days,
-                           args.batch_rows, args.maturity_days, as_of, args.config)
+                           args.batch_rows, args.maturity_days, as_of, args.config, args.reclaim, args.priority)
     try:
         result = archive(params)
     except ArchiveError as exc:

@@ -297,3 +297,33 @@ def test_session_options_in_a_postgresql_url_reach_the_writer_and_the_pool(postg
         assert plain._writers.get().execute("SHOW synchronous_commit").fetchone()[0] == "on"
     finally:
         plain.dispose()
+
+
+def test_deletes_and_feedback_leave_their_checkpoints_to_the_thread_not_to_their_commit(tmp_path):
+    # SQLite's own checkpoint runs inside the commit that takes the WAL past 1,000 pages, while it
+    # holds the writers' lock (decision 003): the archive job's deletes write thousands of pages.
+    store = RequestStore(str(tmp_path / "requests.db"))
+    checkpointer = store._checkpointer
+
+    def checkpoints_after(write) -> int:
+        settled = checkpointer.checkpoints
+        while True:  # the thread's checkpoints of earlier writes are over: none for a few intervals
+            time.sleep(4 * checkpointer.interval)
+            if checkpointer.checkpoints == settled:
+                break
+            settled = checkpointer.checkpoints
+        write()
+        deadline = time.monotonic() + 10
+        while checkpointer.checkpoints == settled and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return checkpointer.checkpoints - settled
+
+    try:
+        store.insert_values(COLUMNS, [(f"r{i}", *ROW) for i in range(20_000)])
+        with store.engine.connect() as conn:
+            assert conn.exec_driver_sql("PRAGMA wal_autocheckpoint").scalar() == 0
+        assert checkpoints_after(lambda: store.delete_ids(range(1, 10_001))) > 0
+        assert checkpoints_after(lambda: store.record_feedback({"r19999": 1})) > 0
+        assert store.count() == 10_000
+    finally:
+        store.dispose()

@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -93,11 +94,27 @@ def test_round_trip_archives_every_old_final_row_once_with_its_labels(sqlite_log
     assert read.values.shape[1] == original["Class"].notna().sum()
 
 
-def test_the_rows_go_back_to_the_filesystem_on_sqlite(sqlite_log, tmp_path):
+def test_the_monthly_run_leaves_the_pages_and_the_reclaim_run_gives_them_back_on_sqlite(sqlite_log, tmp_path):
     source, _ = sqlite_log
     location = str(copy_sqlite(source, tmp_path / "requests.db"))
-    result = archive(_params(location, tmp_path / "archive"))
-    assert result.pages_freed > 0
+    archived = archive(_params(location, tmp_path / "archive"))
+    assert archived.rows_deleted > 0 and archived.pages_freed == 0
+    assert archived.log_bytes_after >= archived.log_bytes_before  # the pages wait for new rows (the manifest grew)
+    assert archived.seconds_by_step["delete"] > 0 and archived.seconds_by_step["reclaim"] == 0
+    reclaimed = archive(_params(location, tmp_path / "archive", reclaim="only"))
+    assert (reclaimed.rows_archived, reclaimed.rows_deleted) == (0, 0)
+    assert reclaimed.pages_freed > 0 and reclaimed.seconds_by_step["reclaim"] > 0
+    assert reclaimed.log_bytes_after < reclaimed.log_bytes_before
+
+
+def test_a_config_that_asks_for_it_reclaims_after_the_archive_on_sqlite(sqlite_log, tmp_path):
+    source, _ = sqlite_log
+    location = str(copy_sqlite(source, tmp_path / "requests.db"))
+    config = tmp_path / "retention.json"
+    config.write_text(FAST_CONFIG.read_text().replace('"pause_fraction": 0.0', '"pause_fraction": 0.0,\n'
+                                                                              '  "reclaim_after_archive": true'))
+    result = archive(_params(location, tmp_path / "archive", config=str(config)))
+    assert result.rows_deleted > 0 and result.pages_freed > 0
     assert result.log_bytes_after < result.log_bytes_before
 
 
@@ -112,7 +129,7 @@ def test_a_run_killed_at_any_step_then_run_again_loses_and_doubles_nothing(sqlit
         extra = ["--delete_after_days", "50"]
     command = [sys.executable, "-m", "monitoring.archive", "--request_log", location, "--archive_uri", str(folder),
                "--after_days", str(AFTER_DAYS), "--maturity_days", str(MATURITY_DAYS),
-               "--batch_rows", str(BATCH_ROWS), "--as_of", str(NOW), "--tracking", "false", "--nice", "0",
+               "--batch_rows", str(BATCH_ROWS), "--as_of", str(NOW), "--tracking", "false", "--priority", "normal",
                "--config", str(FAST_CONFIG), *extra]
     killed = subprocess.run(command, cwd=REPO_ROOT, env={**os.environ, "ARCHIVE_KILL_AT": step},
                             capture_output=True, text=True, timeout=120)
@@ -257,3 +274,32 @@ def test_a_role_that_cannot_create_partitions_still_opens_and_writes_the_partiti
         with psycopg.connect(postgres_url, autocommit=True) as conn:
             conn.execute(f'DROP OWNED BY "{role}"')
             conn.execute(f'DROP ROLE IF EXISTS "{role}"')
+
+
+def _running(pid: int) -> bool:
+    """Whether a process exists and is not a zombie waiting to be reaped."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state not in ("Z", "X")
+
+
+def test_a_child_of_a_killed_job_dies_with_it():
+    # A child that outlived a job killed with SIGKILL could go on writing a file that the next run
+    # writes too, after that run has read it back.
+    script = ("import sys, time\nfrom monitoring.archive import _Child\n"
+              "child = _Child('normal', time.sleep, 60)\nprint(child._process.pid, flush=True)\nchild.result()\n")
+    job = subprocess.Popen([sys.executable, "-c", script], cwd=REPO_ROOT, stdout=subprocess.PIPE, text=True)
+    try:
+        child = int(job.stdout.readline())
+        assert _running(child)
+        job.send_signal(signal.SIGKILL)
+        job.wait(10)
+        deadline = time.monotonic() + 10
+        while _running(child) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not _running(child), "the child outlived the killed job"
+    finally:
+        job.kill()
+        job.stdout.close()
