@@ -323,7 +323,8 @@ def measure_store(store: str, location: str, rows: int, workdir: Path, reg, seco
                                                            "--reclaim", "only")
         result.bytes_after = reclaimed["log_bytes_after"]
         result.reclaimed_bytes = reclaimed["log_bytes_before"] - reclaimed["log_bytes_after"]
-        result.vacuum_by = f"python -m monitoring.archive --reclaim only, {result.reclaim_seconds:.1f} s, service idle"
+        result.vacuum_by = (f"python -m monitoring.archive --reclaim only: {result.reclaimed_bytes / 1e9:.2f} GB in "
+                            f"{result.reclaim_seconds:.1f} s, service idle")
         print(f"  {store}: {reclaimed['pages_freed']:,} pages given back in {result.reclaim_seconds:.1f} s, "
               f"log now {result.bytes_after / 1e9:.2f} GB", flush=True)
 

@@ -41,6 +41,12 @@ WAL_RESET_BYTES = 32 * 1024**2
 def apply_pragmas(dbapi_connection, _record=None) -> None:
     """Set up a new SQLite driver connection; usable as an engine's "connect" event listener."""
     cursor = dbapi_connection.cursor()
+    # A new (empty) file gets auto_vacuum=INCREMENTAL before WAL writes its header (decision 029; kept
+    # when 033 moved the space's return to a VACUUM: see there). Only on a new file: on an existing
+    # one the pragma would wait for its lock, and take effect only at a VACUUM.
+    path = next((row[2] for row in cursor.execute("PRAGMA database_list") if row[1] == "main"), "")
+    if path and (not os.path.exists(path) or os.path.getsize(path) == 0):
+        cursor.execute("PRAGMA auto_vacuum=INCREMENTAL")
     cursor.execute("PRAGMA journal_mode=WAL")
     cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
     # NORMAL by default: in WAL mode a committed row survives any process crash without a disk flush
