@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import ctypes
+import itertools
 import json
 import multiprocessing
 import os
@@ -62,10 +63,16 @@ from common.archive import (
 from common.schema import LABEL
 from common.store import RequestStore, StoreUnavailable, describe, requests_table
 from common.text import first_line
+from monitoring.throttle import Governor
 
 EXPERIMENT = "data-retention"
 DAY = 86_400.0
 ROW_GROUP_ROWS = 100_000
+# A batch is read in time slices of about this many rows, each its own short read transaction: a
+# SQLite reader that keeps one snapshot for the whole batch, as a job held to a share of a busy
+# machine's time would, stops the WAL from starting over, and the service's commits slow as it grows
+# (docs/decisions/035-archive-yields-to-a-busy-machine.md).
+READ_SLICE_ROWS = 20_000
 # Test hook: the run kills itself with SIGKILL when it reaches this step (tests/monitoring/test_archive.py).
 KILL_AT_VARIABLE = "ARCHIVE_KILL_AT"
 _IN_CHILD = False  # set in the child processes of _Child
@@ -90,6 +97,12 @@ class RetentionConfig:
     partition_days_ahead: int = 7
     pause_fraction: float = 1.0
     reclaim_after_archive: bool = False
+    # While other processes keep the machine busy (monitoring/throttle.py): the share of the time the
+    # job's reading and writing may run, the share of the machine's CPU that counts as busy, and the
+    # rows per delete transaction.
+    busy_cpu_share: float = 0.1
+    busy_above: float = 0.25
+    busy_delete_chunk_rows: int = 1_000
 
     @classmethod
     def load(cls, path: Path) -> RetentionConfig:
@@ -111,10 +124,14 @@ class RetentionConfig:
                                f"or at least archive_after_days ({self.archive_after_days})")
         if not self.pause_fraction >= 0:
             raise ArchiveError(f"{where}: pause_fraction must be 0 or more, got {self.pause_fraction}")
+        if not 0 < self.busy_cpu_share <= 1:
+            raise ArchiveError(f"{where}: busy_cpu_share must be more than 0 and at most 1, got {self.busy_cpu_share}")
+        if not 0 <= self.busy_above < 1:
+            raise ArchiveError(f"{where}: busy_above must be at least 0 and less than 1, got {self.busy_above}")
         if not isinstance(self.reclaim_after_archive, bool):
             raise ArchiveError(f"{where}: reclaim_after_archive must be true or false, "
                                f"got {self.reclaim_after_archive!r}")
-        for name in ("batch_rows", "delete_chunk_rows"):
+        for name in ("batch_rows", "delete_chunk_rows", "busy_delete_chunk_rows"):
             if getattr(self, name) < 1:
                 raise ArchiveError(f"{where}: {name} must be at least 1, got {getattr(self, name)}")
         return self
@@ -150,6 +167,7 @@ class ArchiveResult:
     archive_uri: str
     cutoff: float
     seconds_by_step: dict[str, float]
+    seconds_busy: float = 0.0  # of the run's time, how much the machine counted as busy
 
 
 def _kill_point(step: str) -> None:
@@ -177,9 +195,10 @@ class Archiver:
     """One run over one request log; `run()` does the work."""
 
     def __init__(self, store: RequestStore, config: RetentionConfig, archive_uri: str, cutoff: float,
-                 mature_before: float, now: float, priority: str = "normal"):
+                 mature_before: float, now: float, priority: str = "normal", governor: Governor | None = None):
         self.store = store
         self.priority = priority
+        self.governor = governor or Governor(1.0, 1.0)
         self.config = config
         self.archive_uri = archive_uri.rstrip("/")
         self.cutoff = cutoff
@@ -238,15 +257,22 @@ class Archiver:
 
     # --- the steps -------------------------------------------------------------------------------
 
-    def batch_query(self, batch: Batch) -> tuple[str, list[str]]:
-        """The SQL that reads the batch's rows from the live log in time order, and its columns."""
+    def batch_queries(self, batch: Batch) -> tuple[list[str], list[str]]:
+        """The SQL statements that read the batch's rows from the live log in time order, one time
+        slice each (READ_SLICE_ROWS), and the columns they read."""
         present = self.store.columns()
         names = [f.name for f in ARCHIVE_SCHEMA if f.name in present]
-        # In `ts` order, the index's own: ordering by id would sort the batch in a temporary B-tree.
-        stmt = (sa.select(*(requests_table.c[n] for n in names)).where(_batch_filter(batch))
-                .order_by(requests_table.c.ts))
-        # Numbers only (times and ids), rendered by SQLAlchemy's own quoting.
-        return str(stmt.compile(dialect=self.store.engine.dialect, compile_kwargs={"literal_binds": True})), names
+        slices = max(1, -(-self.config.batch_rows // READ_SLICE_ROWS))
+        bounds = [batch.ts_from + (batch.ts_to - batch.ts_from) * i / slices for i in range(slices)] + [batch.ts_to]
+        queries, ts = [], requests_table.c.ts
+        for low, high in itertools.pairwise(bounds):
+            # In `ts` order, the index's own: ordering by id would sort the slice in a temporary B-tree.
+            stmt = (sa.select(*(requests_table.c[n] for n in names))
+                    .where(_batch_filter(batch), ts >= low, ts < high).order_by(ts))
+            # Numbers only (times and ids), rendered by SQLAlchemy's own quoting.
+            queries.append(str(stmt.compile(dialect=self.store.engine.dialect,
+                                            compile_kwargs={"literal_binds": True})))
+        return queries, names
 
     # Reading, writing and reading back run in child processes at the job's CPU priority; this
     # process keeps its own for the deletes, which hold the writers' lock. A batch's file is written
@@ -254,8 +280,9 @@ class Archiver:
 
     def start_write(self, batch: Batch) -> _Child:
         """Start writing a planned batch's file in a child process."""
-        sql, names = self.batch_query(batch)
-        return _Child(self.priority, _write_batch, self.store.dialect, self.store.url, sql, names, batch.uri)
+        queries, names = self.batch_queries(batch)
+        return _Child(self.governor, self.priority, _write_batch, self.store.dialect, self.store.url, queries, names,
+                      batch.uri)
 
     def written(self, writing: _Child) -> WrittenFile:
         """Wait for a child started by start_write; what it wrote."""
@@ -272,7 +299,7 @@ class Archiver:
     def verify(self, batch: Batch, written: WrittenFile) -> Batch:
         """Read the file back in another child; record the batch as verified when it holds what was written."""
         with self._timed("verify"):
-            back_rows, back_digest = _Child(self.priority, _file_digest, batch.uri).result()
+            back_rows, back_digest = _Child(self.governor, self.priority, _file_digest, batch.uri).result()
         _kill_point("read_back")
         if back_rows != written.rows or back_digest != written.digest:
             raise ArchiveError(f"{batch.uri} read back {back_rows} rows (digest {back_digest[:12]}) for "
@@ -290,9 +317,11 @@ class Archiver:
         done = batch.deleted_through
         if done is not None:
             ids = ids[ids > done]
-        chunk = self.config.delete_chunk_rows
-        for start in range(0, len(ids), chunk):
-            part = ids[start:start + chunk]
+        start = 0
+        while start < len(ids):
+            # Shorter transactions while the machine is busy: the service's writes wait less for the lock.
+            chunk = self.config.busy_delete_chunk_rows if self.governor.busy else self.config.delete_chunk_rows
+            part, start = ids[start:start + chunk], start + chunk
             last = int(part[-1])
 
             def progress(conn, last=last):
@@ -309,13 +338,14 @@ class Archiver:
     @contextlib.contextmanager
     def _taking_turns(self, step: str):
         """Around one write of the job: afterwards, wait `pause_fraction` of the time it took, so that
-        the service's writes (and the WAL's checkpoints) get the log between the job's writes."""
+        the service's writes (and the WAL's checkpoints) get the log between the job's writes; while
+        the machine is busy, long enough to keep the job to `busy_cpu_share` of the time."""
         started = time.perf_counter()
         yield
         took = time.perf_counter() - started
         self.seconds[step] += took
         with self._timed("pause"):
-            time.sleep(took * self.config.pause_fraction)
+            time.sleep(self.governor.wait_after(took, self.config.pause_fraction))
 
     def finish(self, batch: Batch, written: WrittenFile | None = None) -> None:
         """Take a batch to its end: its file written (unless `written` says what a child wrote) and
@@ -424,13 +454,13 @@ class WrittenFile:
     write_seconds: float
 
 
-def _write_batch(dialect: str, url: str, sql: str, names: list[str], uri: str) -> WrittenFile:
+def _write_batch(dialect: str, url: str, queries: list[str], names: list[str], uri: str) -> WrittenFile:
     """Read a batch's rows from the live log (ADBC, into Arrow) and write them to `uri`, durably."""
     started = time.perf_counter()
     if dialect == "sqlite":
-        table = _sqlite_arrow(url.removeprefix("sqlite:///"), sql, names)
+        table = _sqlite_arrow(url.removeprefix("sqlite:///"), queries, names)
     else:
-        table = _postgresql_arrow(url, sql, names)
+        table = _postgresql_arrow(url, queries, names)
     read_seconds = time.perf_counter() - started
     for field in ARCHIVE_SCHEMA:  # a log from before shadow scoring lacks the shadow columns
         if field.name not in table.column_names:
@@ -488,8 +518,9 @@ class _Child:
     job could go on writing a file that the next run writes too.
     """
 
-    def __init__(self, priority: str, function, *args):
+    def __init__(self, governor: Governor, priority: str, function, *args):
         context = multiprocessing.get_context("fork")
+        self._governor = governor
         self._receive, send = context.Pipe(duplex=False)
         parent = os.getpid()
 
@@ -506,6 +537,7 @@ class _Child:
         self._process = context.Process(target=run, daemon=True)
         self._process.start()
         send.close()
+        governor.watch(self._process.pid)
 
     def result(self):
         """The function's value. Raises ArchiveError when it raised, or the process died."""
@@ -515,6 +547,7 @@ class _Child:
             raise ArchiveError(f"the archive's child process died (exit code {self._process.exitcode})") from None
         finally:
             self._receive.close()
+            self._governor.forget(self._process.pid)  # before the join: a reaped id may be reused
             self._process.join()
         if not ok:
             raise ArchiveError(f"the archive's child process failed: {value}")
@@ -531,8 +564,9 @@ def _die_with(parent: int) -> None:
         os._exit(1)
 
 
-def _sqlite_arrow(path: str, sql: str, names: list[str]) -> pa.Table:
-    """Run a query through the ADBC SQLite driver into an Arrow table.
+def _sqlite_arrow(path: str, queries: list[str], names: list[str]) -> pa.Table:
+    """Run queries through the ADBC SQLite driver into one Arrow table, each in its own read
+    transaction (autocommit: with it off, the driver would keep one snapshot for them all).
 
     The driver types each column from the first rows it sees, so a column that starts with NULLs
     and later holds numbers would fail: a first row of typed literals, dropped after, fixes the types.
@@ -544,29 +578,38 @@ def _sqlite_arrow(path: str, sql: str, names: list[str]) -> pa.Table:
         kind = ARCHIVE_SCHEMA.field(name).type
         literal = "''" if pa.types.is_string(kind) else ("0" if pa.types.is_integer(kind) else "0.0")
         literals.append(f'{literal} AS "{name}"')
-    typed = f"SELECT {', '.join(literals)} UNION ALL SELECT * FROM ({sql})"  # noqa: S608 - literals only
-    with adbc_sqlite.connect(path) as conn, conn.cursor() as cursor:
-        cursor.execute(typed)
-        table = cursor.fetch_arrow_table()
-    return table.slice(1).rename_columns(names)
+    tables = []
+    with adbc_sqlite.connect(path, autocommit=True) as conn, conn.cursor() as cursor:
+        for sql in queries:
+            cursor.execute(f"SELECT {', '.join(literals)} UNION ALL SELECT * FROM ({sql})")  # noqa: S608 - literals only
+            tables.append(cursor.fetch_arrow_table().slice(1).rename_columns(names))
+    return pa.concat_tables(tables)
 
 
-def _postgresql_arrow(url: str, sql: str, names: list[str]) -> pa.Table:
-    """Run a query through the ADBC PostgreSQL driver, which reads the rows by binary COPY into Arrow in C."""
+def _postgresql_arrow(url: str, queries: list[str], names: list[str]) -> pa.Table:
+    """Run queries through the ADBC PostgreSQL driver, which reads the rows by binary COPY into Arrow
+    in C, each in its own transaction."""
     import adbc_driver_postgresql.dbapi as adbc_postgresql
 
     uri = sa.make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
-    with adbc_postgresql.connect(uri) as conn, conn.cursor() as cursor:
-        cursor.execute(sql)
-        table = cursor.fetch_arrow_table()
-    return table.rename_columns(names)
+    tables = []
+    with adbc_postgresql.connect(uri, autocommit=True) as conn, conn.cursor() as cursor:
+        for sql in queries:
+            cursor.execute(sql)
+            tables.append(cursor.fetch_arrow_table().rename_columns(names))
+    return pa.concat_tables(tables)
 
 
-def _log_bytes(store: RequestStore) -> int:
-    """The live log's size on disk: the SQLite file and its WAL, or the PostgreSQL table with indexes."""
+def _log_bytes(store: RequestStore, truncate: bool) -> int:
+    """The live log's size on disk: the SQLite file and its WAL, or the PostgreSQL table with indexes.
+
+    With `truncate`, the WAL is checkpointed and emptied first; that blocks the service's commits
+    while it copies, so only a run that reclaims space (a quiet hour's) asks for it. Otherwise the
+    WAL is copied back without blocking anyone, and counted at the size it has grown to.
+    """
     if store.dialect == "sqlite":
-        with store.engine.connect() as conn:  # the WAL's pages back into the file, and the WAL emptied
-            conn.exec_driver_sql("PRAGMA wal_checkpoint(TRUNCATE)")
+        with store.engine.connect() as conn:
+            conn.exec_driver_sql(f"PRAGMA wal_checkpoint({'TRUNCATE' if truncate else 'PASSIVE'})")
         path = Path(store.url.removeprefix("sqlite:///"))
         return sum(p.stat().st_size for p in (path, Path(f"{path}-wal")) if p.exists())
     with store.engine.connect() as conn:  # a partitioned table's own size is 0: its partitions hold the rows
@@ -605,21 +648,25 @@ def archive(params: ArchiveParams) -> ArchiveResult:
     try:
         if not store.has_table():
             raise ArchiveError(f"request log {describe(location)} has no requests table: nothing to archive")
-        before = _log_bytes(store)
+        quiet = params.reclaim == "only" or config.reclaim_after_archive  # a run that reclaims stalls writes anyway
+        before = _log_bytes(store, truncate=quiet)
+        governor = Governor(config.busy_cpu_share, config.busy_above)
         archiver = Archiver(store, config, uri, now - config.archive_after_days * DAY, now - maturity * DAY, now,
-                            params.priority)
+                            params.priority, governor)
         if params.reclaim != "only":
-            archiver.run()
+            with governor:
+                archiver.run()
         # Giving pages back rewrites the file under the writers' lock: a quiet hour's job
         # (docs/decisions/033-sqlite-reclaim-off-hours.md).
         freed = archiver.reclaim() if params.reclaim == "only" or config.reclaim_after_archive else 0
-        after = _log_bytes(store)
+        after = _log_bytes(store, truncate=quiet)
     finally:
         store.dispose()
     return ArchiveResult(archiver.batches, archiver.rows_archived, archiver.rows_deleted, archiver.bytes_written,
                          archiver.files_expired, archiver.rows_expired, archiver.partitions_dropped, freed, before,
                          after, round(time.perf_counter() - started, 3), uri, archiver.cutoff,
-                         {step: round(value, 3) for step, value in archiver.seconds.items()})
+                         {step: round(value, 3) for step, value in archiver.seconds.items()},
+                         round(governor.busy_seconds, 3))
 
 
 def log_run(result: ArchiveResult, location: str) -> str:
@@ -638,7 +685,7 @@ def log_run(result: ArchiveResult, location: str) -> str:
                  "partitions_dropped": result.partitions_dropped,
                  "log_bytes_before": result.log_bytes_before, "log_bytes_after": result.log_bytes_after,
                  "bytes_reclaimed": result.log_bytes_before - result.log_bytes_after,
-                 "seconds": result.seconds, "batches": result.batches,
+                 "seconds": result.seconds, "batches": result.batches, "seconds_busy": result.seconds_busy,
                  **{f"seconds_{step}": value for step, value in result.seconds_by_step.items()}})
     client.set_terminated(run_id, "FINISHED")
     return run_id

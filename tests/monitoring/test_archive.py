@@ -32,7 +32,8 @@ from tests.helpers.archive import (
 )
 
 BATCH_ROWS = 150
-# The shipped config, without the pause between the job's writes that lets a service take turns.
+# The shipped config, without the pauses that let a service take turns: the suite keeps the machine
+# busy, and the governor (monitoring/throttle.py) would hold the job to a tenth of the time.
 FAST_CONFIG = REPO_ROOT / "tests" / "helpers" / "retention_config_no_pause.json"
 
 
@@ -56,8 +57,8 @@ def _expected_archived(original) -> np.ndarray:
     return np.sort(original.loc[(original["ts"] < NOW - AFTER_DAYS * DAY) & final, "id"].to_numpy())
 
 
-def _archive_and_check(location: str, folder: Path, original):
-    result = archive(_params(location, folder))
+def _archive_and_check(location: str, folder: Path, original, **overrides):
+    result = archive(_params(location, folder, **overrides))
     archived = assert_nothing_lost_or_doubled(original, location, folder)
     expected = _expected_archived(original)
     assert np.array_equal(np.sort(archived["id"].to_numpy()), expected)
@@ -92,6 +93,24 @@ def test_round_trip_archives_every_old_final_row_once_with_its_labels(sqlite_log
     read = read_log(location, ["Class", "ts"], labelled=True, dtype=np.float64)
     assert read.sources["archive"] > 0 and read.sources["live"] > 0
     assert read.values.shape[1] == original["Class"].notna().sum()
+
+
+def test_a_batch_read_in_many_time_slices_on_a_busy_machine_loses_and_doubles_nothing(sqlite_log, tmp_path,
+                                                                                    monkeypatch):
+    # Slices of a few rows each, every one its own read transaction, by children that the governor
+    # stops and continues all along (a busy_above of 0: any other work makes the machine busy).
+    import json
+
+    import monitoring.archive as archive_module
+
+    monkeypatch.setattr(archive_module, "READ_SLICE_ROWS", 7)
+    source, original = sqlite_log
+    location = str(copy_sqlite(source, tmp_path / "requests.db"))
+    config = tmp_path / "retention.json"
+    config.write_text(json.dumps({**json.loads(FAST_CONFIG.read_text()), "busy_cpu_share": 0.5, "busy_above": 0.0,
+                                  "busy_delete_chunk_rows": 10}))
+    result = _archive_and_check(location, tmp_path / "archive", original, config=str(config))
+    assert result.rows_archived == result.rows_deleted == len(_expected_archived(original))
 
 
 def test_the_monthly_run_leaves_the_pages_and_the_reclaim_run_gives_them_back_on_sqlite(sqlite_log, tmp_path):
@@ -288,8 +307,9 @@ def _running(pid: int) -> bool:
 def test_a_child_of_a_killed_job_dies_with_it():
     # A child that outlived a job killed with SIGKILL could go on writing a file that the next run
     # writes too, after that run has read it back.
-    script = ("import sys, time\nfrom monitoring.archive import _Child\n"
-              "child = _Child('normal', time.sleep, 60)\nprint(child._process.pid, flush=True)\nchild.result()\n")
+    script = ("import sys, time\nfrom monitoring.archive import _Child\nfrom monitoring.throttle import Governor\n"
+              "child = _Child(Governor(1.0, 1.0), 'normal', time.sleep, 60)\n"
+              "print(child._process.pid, flush=True)\nchild.result()\n")
     job = subprocess.Popen([sys.executable, "-c", script], cwd=REPO_ROOT, stdout=subprocess.PIPE, text=True)
     try:
         child = int(job.stdout.readline())
