@@ -340,9 +340,10 @@ class Archiver:
         """Around one write of the job: afterwards, wait `pause_fraction` of the time it took, so that
         the service's writes (and the WAL's checkpoints) get the log between the job's writes; while
         the machine is busy, long enough to keep the job to `busy_cpu_share` of the time."""
-        started = time.perf_counter()
-        yield
-        took = time.perf_counter() - started
+        with self.governor.turn():
+            started = time.perf_counter()
+            yield
+            took = time.perf_counter() - started
         self.seconds[step] += took
         with self._timed("pause"):
             time.sleep(self.governor.wait_after(took, self.config.pause_fraction))

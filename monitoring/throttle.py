@@ -7,15 +7,17 @@ service still halves its throughput (docs/decisions/035-archive-yields-to-a-busy
 While that is above `busy_above`, it lets the children it watches run `slice_seconds` at a time,
 `share` of the wall time, by stopping and continuing them (SIGSTOP, SIGCONT): their work is C code
 (a database driver, Parquet) that cannot be paused from inside. On a machine with CPU to spare they
-run freely. The job's own process waits after each of its writes with `wait_after()`.
+run freely. The job's own work (its deletes) takes its `turn()` with them, and waits after each
+write with `wait_after()`.
 
-Failing safe: a machine whose CPU cannot be measured counts as busy; every watched child is
-continued when the governor stops, or when its thread fails; a child that the kernel kills with
-its parent (PR_SET_PDEATHSIG) dies stopped or not.
+Failing safe: the machine counts as busy until it is first measured, and when its CPU cannot be
+measured; every watched child is continued when the governor stops, or when its thread fails; a
+child that the kernel kills with its parent (PR_SET_PDEATHSIG) dies stopped or not.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -69,6 +71,8 @@ class Governor:
         self.busy_seconds = 0.0  # wall time during which the machine counted as busy
         self._children: set[int] = set()
         self._lock = threading.Lock()
+        self._turn = threading.Lock()  # held by a child's slice, or by the job's own work while busy
+        self._owed = 0.0  # seconds of the job's own work that the children's next pause makes up for
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
         self._last: tuple[int, int, int] | None = None  # (machine busy, machine total, the job's own) ticks
@@ -79,6 +83,7 @@ class Governor:
 
     def __enter__(self) -> Governor:
         if self.enabled:
+            self.busy = True  # until the first measurement says otherwise
             self._measure()
             self._thread = threading.Thread(target=self._run, name="archive-governor", daemon=True)
             self._thread.start()
@@ -102,6 +107,20 @@ class Governor:
             self._children.discard(pid)
         _send(pid, signal.SIGCONT)
 
+    @contextlib.contextmanager
+    def turn(self):
+        """Around the job's own work (its deletes): while the machine is busy, the children stay
+        stopped meanwhile, and the time counts against the same share as theirs."""
+        if not (self.enabled and self.busy):
+            yield
+            return
+        with self._turn:
+            started = time.monotonic()
+            try:
+                yield
+            finally:
+                self._owed += time.monotonic() - started
+
     def wait_after(self, took: float, otherwise: float) -> float:
         """How long the job's own process should wait after work that took `took` seconds: as long as
         keeps it to `share` while the machine is busy, `otherwise` times `took` when it is not."""
@@ -124,10 +143,12 @@ class Governor:
                 if self.busy:
                     # One child at a time, in turn: together they run `share` of the time.
                     turn += 1
-                    self._signal(signal.SIGSTOP, but=turn)
-                    self._stopping.wait(self.slice_seconds)
-                    self._signal(signal.SIGSTOP)
-                    self._stopping.wait(self.slice_seconds * (1 - self.share) / self.share)
+                    with self._turn:
+                        self._signal(signal.SIGSTOP, but=turn)
+                        self._stopping.wait(self.slice_seconds)
+                        self._signal(signal.SIGSTOP)
+                        owed, self._owed = self._owed, 0.0
+                    self._stopping.wait((self.slice_seconds + owed) * (1 - self.share) / self.share)
                 else:
                     self._signal(signal.SIGCONT)
                     self._stopping.wait(self.sample_seconds)
