@@ -70,7 +70,7 @@ DAY = 86_400.0
 ROW_GROUP_ROWS = 100_000
 # A batch is read in time slices of about this many rows, each its own short read transaction: a
 # SQLite reader that keeps one snapshot for the whole batch, as a job held to a share of a busy
-# machine's time would, stops the WAL from starting over, and the service's commits slow as it grows
+# machine's time would, stops the WAL from starting over while the service writes
 # (docs/decisions/035-archive-yields-to-a-busy-machine.md).
 READ_SLICE_ROWS = 20_000
 # Test hook: the run kills itself with SIGKILL when it reaches this step (tests/monitoring/test_archive.py).
