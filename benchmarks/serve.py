@@ -63,6 +63,7 @@ from unittest import mock
 import orjson
 
 from common.paths import REPO_ROOT
+from monitoring.throttle import proc_stat
 
 TOKEN = "benchmark-token-0123456789"
 MODEL_NAME = "fraud-detector"
@@ -309,21 +310,12 @@ def throwaway_database(admin_url: str, label: str) -> Iterator[str]:
 _TICKS = os.sysconf("SC_CLK_TCK")
 
 
-def _stat(pid: str) -> list[str] | None:
-    """/proc/<pid>/stat's fields from the third (state) on, or None for a process that has gone."""
-    try:
-        text = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return text[text.rindex(")") + 2:].split()
-
-
 def group_cpu_seconds(pgid: int) -> float:
     """User + system CPU seconds of every process in a process group, with the children they reaped
     (a gunicorn master's reaped workers)."""
     total = 0
     for pid in os.listdir("/proc"):
-        fields = pid.isdigit() and _stat(pid)
+        fields = pid.isdigit() and proc_stat(pid)
         if fields and int(fields[2]) == pgid:
             total += sum(int(value) for value in fields[11:15])  # utime, stime, cutime, cstime
     return total / _TICKS
@@ -344,7 +336,7 @@ def postgres_cpu_seconds(database: str) -> float:
             del title[1]
         if title[:1] != ["postgres:"] or title[2:3] != [database]:
             continue
-        fields = _stat(pid)
+        fields = proc_stat(pid)
         if fields:
             total += sum(int(value) for value in fields[11:13])  # utime, stime
     return total / _TICKS

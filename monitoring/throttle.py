@@ -26,6 +26,7 @@ import time
 
 log = logging.getLogger(__name__)
 
+
 def machine_ticks() -> tuple[int, int] | None:
     """(busy, total) CPU ticks of the whole machine since boot, or None where /proc/stat is missing."""
     try:
@@ -38,14 +39,22 @@ def machine_ticks() -> tuple[int, int] | None:
     return total - values[3] - values[4], total
 
 
-def process_ticks(pid: int, waited_children: bool = False) -> int:
-    """CPU ticks (user + system) a process has used; with its waited-for children's when asked. 0 if gone."""
+def proc_stat(pid: int | str) -> list[str] | None:
+    """/proc/<pid>/stat's fields from the third (the state) on, or None for a process that has gone."""
     try:
         with open(f"/proc/{pid}/stat") as stat:
-            fields = stat.read().rsplit(")", 1)[1].split()
-    except (OSError, IndexError):
+            text = stat.read()
+    except OSError:
+        return None
+    return text[text.rindex(")") + 2:].split()
+
+
+def process_ticks(pid: int, waited_children: bool = False) -> int:
+    """CPU ticks (user + system) a process has used; with its waited-for children's when asked. 0 if gone."""
+    fields = proc_stat(pid)
+    if fields is None:
         return 0
-    # fields[0] is the state (field 3); utime, stime, cutime, cstime are fields 14 to 17
+    # utime, stime, cutime, cstime are fields 14 to 17
     ticks = int(fields[11]) + int(fields[12])
     return ticks + int(fields[13]) + int(fields[14]) if waited_children else ticks
 
@@ -183,7 +192,5 @@ class Governor:
 
 
 def _send(pid: int, signum: int) -> None:
-    try:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
         os.kill(pid, signum)
-    except (ProcessLookupError, PermissionError):
-        pass

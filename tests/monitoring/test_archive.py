@@ -19,6 +19,7 @@ from common.archive import list_batches, read_log
 from common.paths import REPO_ROOT
 from common.store import RequestStore
 from monitoring.archive import STEPS, ArchiveParams, archive
+from monitoring.throttle import proc_stat
 from tests.helpers.archive import (
     AFTER_DAYS,
     DAY,
@@ -297,11 +298,8 @@ def test_a_role_that_cannot_create_partitions_still_opens_and_writes_the_partiti
 
 def _running(pid: int) -> bool:
     """Whether a process exists and is not a zombie waiting to be reaped."""
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return False
-    return state not in ("Z", "X")
+    fields = proc_stat(pid)
+    return fields is not None and fields[0] not in ("Z", "X")
 
 
 def test_a_child_of_a_killed_job_dies_with_it():

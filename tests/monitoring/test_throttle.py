@@ -6,11 +6,10 @@ from __future__ import annotations
 import multiprocessing
 import os
 import time
-from pathlib import Path
 
 import pytest
 
-from monitoring.throttle import Governor, process_ticks
+from monitoring.throttle import Governor, proc_stat, process_ticks
 
 TICKS = os.sysconf("SC_CLK_TCK")
 # busy_above below zero: every machine counts as busy; at 1, none does (others cannot use more than all of it).
@@ -24,7 +23,7 @@ def _spin(seconds: float) -> None:
 
 
 def _state(pid: int) -> str:
-    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    return proc_stat(pid)[0]
 
 
 @pytest.fixture
