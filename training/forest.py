@@ -52,9 +52,10 @@ def forest_kwargs(params: TrainParams) -> dict:
     }
 
 
-def fit_forest(X: pd.DataFrame, y: np.ndarray, params: TrainParams, say: Callable[[str], None]) -> FittedForest:
+def fit_forest(X: pd.DataFrame, y: np.ndarray, params: TrainParams, say: Callable[[str], None], *,
+               sample_weight: np.ndarray | None = None) -> FittedForest:
     """Grow the forest in one `fit`, tree by tree with scikit-learn's own progress lines, scoring
-    each training row out of bag (`oob_score=True`).
+    each training row out of bag (`oob_score=True`). `sample_weight` goes to `fit` as it is.
 
     One `fit` rather than warm-start chunks: chunk boundaries leave a core idle while the chunk's
     last tree finishes, which cost about 2 s of a full-size fit here.
@@ -73,7 +74,7 @@ def fit_forest(X: pd.DataFrame, y: np.ndarray, params: TrainParams, say: Callabl
         # training/registration.py import_logging_modules.)
         warnings.filterwarnings("ignore", message="Some inputs do not have OOB scores", category=UserWarning,
                                 module=r"sklearn\.")
-        model.fit(X, y)
+        model.fit(X, y, sample_weight=sample_weight)
     oob = out_of_bag_proba(model)
     del model.oob_decision_function_, model.oob_score_
     model.set_params(oob_score=False, verbose=0)  # or every predict_proba of the served model would print

@@ -142,8 +142,9 @@ def _fit_and_measure(params: TrainParams, data: LabelledData, split: Split, arti
                      say: Callable[[str], None]) -> Candidate:
     """Fit the forest, choose its threshold out of bag, and measure it on the evaluation rows."""
     X_train, y_train = data.features(split.train), data.labels(split.train)
-    say(f"fitting {params.n_estimators} trees on {len(split.train)} rows")
-    forest = fit_forest(X_train, y_train, params, say)
+    weights, weighed = sample_weights(params, split)
+    say(f"fitting {params.n_estimators} trees on {len(split.train)} rows{weighed}")
+    forest = fit_forest(X_train, y_train, params, say, sample_weight=weights)
     registration.write_data_artifacts(artifacts, data, split, params.seed)
     rows, which = threshold_rows(params, split, y_train)
     choice = choose_threshold(y_train[rows], forest.oob_proba[rows], params.threshold_method, params.cost_ratio)
@@ -154,6 +155,20 @@ def _fit_and_measure(params: TrainParams, data: LabelledData, split: Split, arti
     say("evaluation: " + ", ".join(f"{k}={evaluation[k]:.4g}" for k in
                                    ("average_precision", "roc_auc", "precision", "recall", "f1")))
     return Candidate(params, data, split, forest, choice, eval_proba, evaluation)
+
+
+def sample_weights(params: TrainParams, split: Split) -> tuple[np.ndarray | None, str]:
+    """Each training row's weight in the fit (None: all alike), and a note for the log.
+
+    The rows whose labels arrived since the served model was trained weigh `recent_weight`, the others 1.
+    scikit-learn draws each tree's bootstrap sample in proportion to the weights, so a weighted row is out of
+    bag for fewer trees (docs/decisions/036-a-cost-threshold-and-recent-weights-off.md).
+    """
+    recent = np.isin(split.train, split.arrived)
+    if params.recent_weight == 1.0 or not recent.any():
+        return None, ""
+    return np.where(recent, params.recent_weight, 1.0), (f", the {int(recent.sum())} whose labels arrived since the "
+                                                          f"served model was trained weighing {params.recent_weight:g}")
 
 
 def threshold_rows(params: TrainParams, split: Split, y_train: np.ndarray) -> tuple[np.ndarray, str]:
@@ -207,6 +222,8 @@ def build_parser() -> argparse.ArgumentParser:
         "threshold_rows": "recent: choose the threshold on the training rows whose labels arrived since the served "
                           "model was trained (when they hold min_threshold_frauds frauds); all: on every training row",
         "min_threshold_frauds": "frauds the recent rows need to choose the threshold (threshold_rows=recent)",
+        "recent_weight": "weight in the fit of each training row whose label arrived since the served model was "
+                         "trained (the others weigh 1)",
         "min_train_frauds": "refuse when the training part has fewer frauds",
         "min_eval_frauds": "refuse when the evaluation part has fewer frauds",
     }

@@ -60,7 +60,7 @@ def test_run_logs_params_metrics_and_every_artifact(trained_model):
     assert params["n_estimators"] == "15"
     assert params["split"] == "arrival"  # with no served model: the newest rows, as "time"
     assert run.data.tags["split_note"] == "no served model to compare with: evaluated on the newest rows"
-    assert params["threshold_method"] == "f1"
+    assert params["threshold_method"] == "cost" and params["recent_weight"] == "1.0"
     assert params["requests"] == "none" == params["requests_source"]
     assert params["data_source"].endswith(str(trained_model.data.db))
     assert params["registered_model_name"] == trained_model.name
@@ -89,7 +89,7 @@ def test_registered_version_is_staging_challenger_with_threshold_and_metric_tags
         assert version.current_stage == "Staging"
     assert str(client.get_model_version_by_alias(trained_model.name, "challenger").version) == trained_model.version
     assert float(version.tags["threshold"]) == trained_model.threshold
-    assert version.tags["threshold_method"] == "f1"
+    assert version.tags["threshold_method"] == "cost"
     assert float(version.tags["average_precision"]) == pytest.approx(trained_model.result.metrics["average_precision"],
                                                                     rel=1e-5)
     assert registry.production_version(client, trained_model.name) is None
@@ -99,7 +99,7 @@ def test_the_version_description_carries_the_headline_metrics_and_the_data(train
     description = trained_model.store.client().get_model_version(trained_model.name, trained_model.version).description
     metrics = trained_model.result.metrics
     assert (f"Average precision {metrics['average_precision']:.4f}, recall {metrics['recall']:.3f} and precision "
-            f"{metrics['precision']:.3f} at threshold {trained_model.threshold:.4f} (f1), on "
+            f"{metrics['precision']:.3f} at threshold {trained_model.threshold:.4f} (cost), on "
             f"{int(metrics['eval_rows']):,} held-out rows with {int(metrics['eval_frauds']):,} frauds") in description
     assert f"Data: reference {trained_model.data.rows:,} labelled rows; arrival split" in description
     assert (f"{int(metrics['train_rows']):,} rows trained on and {int(metrics['eval_rows']):,} evaluated on"
@@ -304,6 +304,8 @@ def test_onnx_disagreement_fails_the_run_and_registers_nothing(make_mlflow_store
     ("max_features", "many", "max_features"),
     ("class_weight", "heavy", "class_weight"),
     ("threshold_method", "accuracy", "threshold_method"),
+    ("recent_weight", 0.5, "recent_weight must be at least 1"),
+    ("recent_weight", float("nan"), "recent_weight must be at least 1"),
 ])
 def test_invalid_parameters_are_rejected_before_reading_data(field, value, message):
     with pytest.raises(tr.TrainingError, match=message):
@@ -497,3 +499,30 @@ def test_a_new_fraud_pattern_that_scores_low_lowers_the_threshold_chosen_on_rece
         rows, _ = tr.threshold_rows(tr.TrainParams(threshold_rows=which), split, y[split.train])
         chosen[which] = tr.choose_threshold(y[split.train][rows], oob[rows], "f1").threshold
     assert chosen["recent"] <= 0.4 < chosen["all"]
+
+
+# --- the weight of recent labels ---------------------------------------------------------------------
+
+
+def test_the_training_rows_whose_labels_arrived_since_the_served_model_weigh_recent_weight():
+    frame = _arrival_frame(n_old=800, n_new=400, new_frauds=60)
+    split = split_rows(frame, "arrival", 0.2, seed=0, served_trained_at=500.0, min_eval_frauds=10)
+    weights, note = tr.sample_weights(tr.TrainParams(recent_weight=3.0), split)
+    recent = np.isin(split.train, np.arange(800, 1200))
+    assert recent.sum() == 200 and set(weights[recent]) == {3.0} and set(weights[~recent]) == {1.0}
+    assert "the 200 whose labels arrived since the served model was trained weighing 3" in note
+    # All alike without a served model, and when asked.
+    assert tr.sample_weights(tr.TrainParams(recent_weight=1.0), split) == (None, "")
+    assert tr.sample_weights(tr.TrainParams(), split_rows(frame, "arrival", 0.2, seed=0)) == (None, "")
+
+
+def test_the_forest_is_fitted_with_the_sample_weights():
+    """One feature that never splits: each tree is a single leaf, whose fraud probability is the weighted
+    share of frauds in its sample, 1/4 unweighted and 3/6 with the frauds weighing 3."""
+    X = pd.DataFrame({"x": np.zeros(400)})
+    y = np.r_[np.zeros(300, dtype=np.int64), np.ones(100, dtype=np.int64)]
+    params = tr.TrainParams(n_estimators=20, max_samples=1.0, class_weight="none", seed=0, n_jobs=1)
+    plain = fit_forest(X, y, params, say=lambda _line: None).model.predict_proba(X[:1])[0, 1]
+    weighted = fit_forest(X, y, params, say=lambda _line: None,
+                          sample_weight=np.where(y == 1, 3.0, 1.0)).model.predict_proba(X[:1])[0, 1]
+    assert plain == pytest.approx(0.25, abs=0.05) and weighted == pytest.approx(0.5, abs=0.05)
