@@ -157,6 +157,11 @@ def _fit_and_measure(params: TrainParams, data: LabelledData, split: Split, arti
     return Candidate(params, data, split, forest, choice, eval_proba, evaluation)
 
 
+def _arrived_since_served(split: Split) -> np.ndarray:
+    """Which training rows' labels arrived since the served model was trained (a mask over `split.train`)."""
+    return np.isin(split.train, split.arrived)
+
+
 def sample_weights(params: TrainParams, split: Split) -> tuple[np.ndarray | None, str]:
     """Each training row's weight in the fit (None: all alike), and a note for the log.
 
@@ -164,7 +169,7 @@ def sample_weights(params: TrainParams, split: Split) -> tuple[np.ndarray | None
     scikit-learn draws each tree's bootstrap sample in proportion to the weights, so a weighted row is out of
     bag for fewer trees (docs/decisions/036-a-cost-threshold-and-recent-weights-off.md).
     """
-    recent = np.isin(split.train, split.arrived)
+    recent = _arrived_since_served(split)
     if params.recent_weight == 1.0 or not recent.any():
         return None, ""
     return np.where(recent, params.recent_weight, 1.0), (f", the {int(recent.sum())} whose labels arrived since the "
@@ -182,7 +187,7 @@ def threshold_rows(params: TrainParams, split: Split, y_train: np.ndarray) -> tu
     everything = np.ones(len(split.train), dtype=bool)
     if params.threshold_rows != "recent" or not len(split.arrived):
         return everything, f"all {len(split.train)} training rows"
-    recent = np.isin(split.train, split.arrived)
+    recent = _arrived_since_served(split)
     frauds = int(y_train[recent].sum())
     if frauds < params.min_threshold_frauds or frauds == int(recent.sum()):
         return everything, (f"all {len(split.train)} training rows (the {int(recent.sum())} that arrived since the "
