@@ -513,7 +513,7 @@ def test_the_training_rows_whose_labels_arrived_since_the_served_model_weigh_rec
     assert "the 200 whose labels arrived since the served model was trained weighing 3" in note
     # All alike without a served model, and when asked.
     assert tr.sample_weights(tr.TrainParams(recent_weight=1.0), split) == (None, "")
-    assert tr.sample_weights(tr.TrainParams(), split_rows(frame, "arrival", 0.2, seed=0)) == (None, "")
+    assert tr.sample_weights(tr.TrainParams(recent_weight=3.0), split_rows(frame, "arrival", 0.2, seed=0)) == (None, "")
 
 
 def test_the_forest_is_fitted_with_the_sample_weights():
